@@ -1,0 +1,1 @@
+"""mqa_flax: multi-query, grouped-query and multi-head attention Transformers in Flax NNX."""

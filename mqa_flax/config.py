@@ -1,0 +1,100 @@
+"""The model's frozen configuration and the parameter-matching rule for d_ff."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+KV_SCOPES = ('all', 'decoder')
+POS_EMBEDDINGS = ('learned', 'sinusoidal')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the encoder-decoder Transformer (see configs/base.py)."""
+
+  vocab_size: int
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  d_model: int = 1024
+  d_ff: int = 4096
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  kv_heads_scope: str = 'all'
+  local_window: int = 0
+  max_len: int = 256
+  pos_embedding: str = 'learned'
+  dropout_rate: float = 0.1
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    check_heads(self.num_heads, self.num_kv_heads)
+    if self.kv_heads_scope not in KV_SCOPES:
+      raise ValueError(
+          f'kv_heads_scope={self.kv_heads_scope!r}; expected one of {KV_SCOPES}')
+    if self.pos_embedding not in POS_EMBEDDINGS:
+      raise ValueError(
+          f'pos_embedding={self.pos_embedding!r}; expected one of '
+          f'{POS_EMBEDDINGS}')
+    if self.local_window < 0:
+      raise ValueError(f'local_window={self.local_window} must be >= 0')
+    for name in ('vocab_size', 'd_model', 'd_ff', 'head_dim', 'max_len'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{name}={getattr(self, name)} must be positive')
+    jnp.dtype(self.dtype)  # Raises TypeError on an unknown dtype name.
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def encoder_kv_heads(self) -> int:
+    """K of encoder self-attention: N unless K applies to all attention."""
+    return self.num_kv_heads if self.kv_heads_scope == 'all' else self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int) -> 'ModelConfig':
+    """Builds from the `config.model` ConfigDict of a config file."""
+    return cls(**model_cfg.to_dict(), vocab_size=vocab_size)
+
+
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
+  """Raises ValueError unless K divides N (both positive)."""
+  if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    raise ValueError(
+        f'num_heads={num_heads} must be a positive multiple of '
+        f'num_kv_heads={num_kv_heads}')
+
+
+def matched_d_ff(base: dict[str, int], num_heads: int, num_kv_heads: int,
+                 head_dim: int, kv_heads_scope: str = 'all') -> int:
+  """d_ff that keeps the parameter count of `base` when attention changes.
+
+  The rule (it reproduces the paper's 5440 for MQA and 6784 for its reduced
+  head rows): attention weights saved over all attention blocks are given to
+  the feed-forward blocks, d_ff += saved / (2 * d_model * num_ffn_blocks),
+  rounded to a multiple of 32.
+
+  Args:
+    base: `num_encoder_layers`, `num_decoder_layers`, `d_model`, `d_ff`,
+      `num_heads`, `head_dim` of the reference multi-head model (K = N).
+    num_heads: N of the variant.
+    num_kv_heads: K of the variant.
+    head_dim: H of the variant.
+    kv_heads_scope: where K applies ('all' or 'decoder').
+  """
+  check_heads(num_heads, num_kv_heads)
+  enc, dec, d = (base['num_encoder_layers'], base['num_decoder_layers'],
+                 base['d_model'])
+
+  def attn_width(n, k, h):  # Per d_model row: q and o are N*H wide, k and v K*H.
+    return 2 * n * h + 2 * k * h
+
+  mha = attn_width(base['num_heads'], base['num_heads'], base['head_dim'])
+  var = attn_width(num_heads, num_kv_heads, head_dim)
+  var_enc = var if kv_heads_scope == 'all' else attn_width(
+      num_heads, num_heads, head_dim)
+  saved = d * (enc * (mha - var_enc) + 2 * dec * (mha - var))
+  extra = saved / (2 * d * (enc + dec))
+  return base['d_ff'] + 32 * round(extra / 32)

@@ -1,0 +1,249 @@
+"""Model-agnostic greedy and beam search over an incremental decoding callback.
+
+Both searches drive a callback `tokens_to_logits(ids, cache) -> (logits, cache)`
+that consumes one token per row and returns float32 logits [rows, V]. The first
+input token is 0 (pad, read by the model as BOS); outputs are padded with 0
+after EOS. Everything runs in one `lax.while_loop`, so both functions are pure
+and jit-able, and no step waits on the host.
+
+Beam search cache contract: the callback sees `batch_size * beam_size` rows,
+sentence-major (row = b * beam_size + k). Every cache leaf whose leading axis
+has that size is per-beam and is gathered when beams are reordered; any other
+leaf (cross-attention K/V of shape [B, S, K, H], a scalar decode index) is
+shared and left untouched. `expand_to_beams` builds per-beam leaves.
+
+Lengths count the EOS token. With `max_lens`, row b emits EOS at step
+max_lens[b] - 1 at the latest, so it holds at most max_lens[b] tokens.
+`max_len` is a hard cap: a row that reaches it without EOS is truncated.
+
+Letters: B batch, K beams, T max_len, V vocab.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Cache = Any
+TokensToLogits = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
+
+
+def expand_to_beams(x: jax.Array, beam_size: int) -> jax.Array:
+  """Repeats each row of `x` beam_size times along axis 0 ([B, ...] -> [B*K, ...])."""
+  return jnp.repeat(x, beam_size, axis=0)
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT length penalty ((5 + length) / 6) ** alpha, length counting EOS."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _forced_eos(step: jax.Array, max_lens: jax.Array | None) -> jax.Array | None:
+  """Which sentences must emit EOS at this step ([B] bool), or None."""
+  return None if max_lens is None else step == max_lens - 1
+
+
+# ------------------------------------------------------------------- greedy
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GreedyState:
+  step: jax.Array  # [] int32, index of the token being produced.
+  tokens: jax.Array  # [B, T] int32
+  finished: jax.Array  # [B] bool, EOS already emitted.
+  cache: Cache
+
+
+def greedy_search(
+    tokens_to_logits: TokensToLogits,
+    cache: Cache,
+    batch_size: int,
+    max_len: int,
+    eos_id: int,
+    max_lens: jax.Array | None = None,
+    stop_at_eos: bool = True,
+) -> jax.Array:
+  """Decodes the argmax token at every step and returns tokens [B, max_len].
+
+  Args:
+    tokens_to_logits: callback over `batch_size` rows, see the module doc.
+    cache: initial decoding cache.
+    batch_size: number of rows B.
+    max_len: number of steps at most, T.
+    eos_id: end-of-sentence id; every position after it is 0.
+    max_lens: optional [B] int32 lengths >= 1 including EOS; row b is forced to
+      EOS at step max_lens[b] - 1 (if that is < max_len).
+    stop_at_eos: if False, run exactly max_len steps (for timing); only the
+      early exit is dropped, the returned tokens are the same.
+  """
+
+  def cond(s: GreedyState) -> jax.Array:
+    keep_going = s.step < max_len
+    if stop_at_eos:
+      keep_going &= ~jnp.all(s.finished)
+    return keep_going
+
+  def body(s: GreedyState) -> GreedyState:
+    ids = jnp.where(s.step == 0, 0, s.tokens[:, jnp.maximum(s.step - 1, 0)])
+    logits, cache = tokens_to_logits(ids, s.cache)  # [B, V]
+    next_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    forced = _forced_eos(s.step, max_lens)
+    if forced is not None:
+      next_ids = jnp.where(forced, eos_id, next_ids)
+    next_ids = jnp.where(s.finished, 0, next_ids)
+    tokens = s.tokens.at[:, s.step].set(next_ids)  # [B, T]
+    finished = s.finished | (next_ids == eos_id)
+    return GreedyState(s.step + 1, tokens, finished, cache)
+
+  init = GreedyState(
+      step=jnp.zeros((), jnp.int32),
+      tokens=jnp.zeros((batch_size, max_len), jnp.int32),
+      finished=jnp.zeros((batch_size,), bool),
+      cache=cache,
+  )
+  return jax.lax.while_loop(cond, body, init).tokens
+
+
+# --------------------------------------------------------------------- beam
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BeamState:
+  step: jax.Array  # [] int32, index of the token being produced.
+  alive_seqs: jax.Array  # [B, K, T] int32, no EOS inside.
+  alive_logp: jax.Array  # [B, K] float32, raw log-probabilities.
+  finished_seqs: jax.Array  # [B, K, T] int32, ending in EOS.
+  finished_scores: jax.Array  # [B, K] float32, length-penalised; -inf = empty.
+  cache: Cache
+
+
+def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """Picks beams along axis 1: x [B, K_in, ...], idx [B, K_out] -> [B, K_out, ...]."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _reorder_cache(cache: Cache, beam_idx: jax.Array) -> Cache:
+  """Gathers every per-beam leaf (leading axis B*K) by beam_idx [B, K]."""
+  batch_size, beam_size = beam_idx.shape
+  rows = (jnp.arange(batch_size)[:, None] * beam_size + beam_idx).reshape(-1)
+
+  def gather(x):
+    per_beam = x.ndim > 0 and x.shape[0] == batch_size * beam_size
+    return x[rows] if per_beam else x
+
+  return jax.tree.map(gather, cache)
+
+
+def beam_search(
+    tokens_to_logits: TokensToLogits,
+    cache: Cache,
+    batch_size: int,
+    beam_size: int,
+    max_len: int,
+    eos_id: int,
+    alpha: float = 0.6,
+    max_lens: jax.Array | None = None,
+    stop_at_eos: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """Beam search returning (sequences [B, K, T], scores [B, K]), best first.
+
+  A finished hypothesis of n tokens (EOS included) with log-probability l
+  scores l / length_penalty(n, alpha). Each step takes the top 2K of the K*V
+  extensions, so that the best K non-EOS ones stay alive; EOS extensions among
+  the top K (as in a plain beam of K) compete with the finished set for its K
+  places, so beam_size=1 with alpha=0 is exactly greedy search.
+
+  A sentence is done when its worst finished score (-inf while fewer than K
+  have finished) is >= its best alive log-prob divided by the largest penalty
+  it can still reach: log-probs only fall and, for alpha >= 0, the penalty
+  only grows with length, so stopping then never changes the result. A
+  sentence without any finished hypothesis returns its alive beams, scored
+  with length max_len.
+
+  Args:
+    tokens_to_logits: callback over batch_size * beam_size rows, see the
+      module doc for the cache contract.
+    cache: initial cache, per-beam leaves already expanded to B*K rows.
+    batch_size: number of sentences B.
+    beam_size: number of beams K.
+    max_len: number of steps at most, T.
+    eos_id: end-of-sentence id; positions after it are 0.
+    alpha: length penalty exponent, >= 0.
+    max_lens: optional [B] int32 lengths >= 1 including EOS; at step
+      max_lens[b] - 1 only EOS may be chosen, with its model log-probability.
+    stop_at_eos: if False, run exactly max_len steps (for timing); the result
+      is the same.
+  """
+  if max_lens is None:
+    reachable_len = jnp.full((batch_size,), max_len, jnp.int32)
+  else:
+    reachable_len = jnp.minimum(max_lens, max_len)
+  best_penalty = length_penalty(reachable_len.astype(jnp.float32), alpha)  # [B]
+
+  def cond(s: BeamState) -> jax.Array:
+    keep_going = s.step < max_len
+    if stop_at_eos:
+      best_alive = s.alive_logp[:, 0] / best_penalty  # [B]
+      worst_finished = s.finished_scores[:, -1]  # [B]
+      keep_going &= ~jnp.all(worst_finished >= best_alive)
+    return keep_going
+
+  def body(s: BeamState) -> BeamState:
+    last = s.alive_seqs[:, :, jnp.maximum(s.step - 1, 0)]
+    ids = jnp.where(s.step == 0, 0, last)  # [B, K]
+    logits, cache = tokens_to_logits(ids.reshape(-1), s.cache)  # [B*K, V]
+    vocab_size = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = logp.reshape(batch_size, beam_size, vocab_size)  # [B, K, V]
+    forced = _forced_eos(s.step, max_lens)
+    if forced is not None:
+      not_eos = jnp.arange(vocab_size)[None, None, :] != eos_id  # [1, 1, V]
+      logp = jnp.where(forced[:, None, None] & not_eos, -jnp.inf, logp)
+
+    # Top 2K extensions of all alive beams.
+    cand = (s.alive_logp[:, :, None] + logp).reshape(batch_size, -1)
+    top_logp, top_idx = jax.lax.top_k(cand, 2 * beam_size)  # [B, 2K]
+    top_beam, top_tok = top_idx // vocab_size, top_idx % vocab_size
+    top_seqs = _gather_beams(s.alive_seqs, top_beam)
+    top_seqs = top_seqs.at[:, :, s.step].set(top_tok)  # --> [B, 2K, T]
+    is_eos = top_tok == eos_id  # [B, 2K]
+
+    # The best K non-EOS extensions stay alive; the cache follows them.
+    alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_logp),
+                                     beam_size)  # [B, K]
+    alive_seqs = _gather_beams(top_seqs, keep)  # --> [B, K, T]
+    cache = _reorder_cache(cache, _gather_beams(top_beam, keep))
+
+    # EOS extensions within the top K join the finished set, which keeps K.
+    in_beam = jnp.arange(2 * beam_size)[None, :] < beam_size  # [1, 2K]
+    penalty = length_penalty((s.step + 1).astype(jnp.float32), alpha)
+    new_scores = jnp.where(is_eos & in_beam, top_logp / penalty, -jnp.inf)
+    all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
+    all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
+    finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [B, K]
+    finished_seqs = _gather_beams(all_seqs, keep)  # --> [B, K, T]
+
+    return BeamState(s.step + 1, alive_seqs, alive_logp, finished_seqs,
+                     finished_scores, cache)
+
+  # Only beam 0 is live at first, so the K identical beams don't repeat.
+  alive_logp = jnp.full((batch_size, beam_size), -jnp.inf, jnp.float32)
+  init = BeamState(
+      step=jnp.zeros((), jnp.int32),
+      alive_seqs=jnp.zeros((batch_size, beam_size, max_len), jnp.int32),
+      alive_logp=alive_logp.at[:, 0].set(0.0),
+      finished_seqs=jnp.zeros((batch_size, beam_size, max_len), jnp.int32),
+      finished_scores=jnp.full((batch_size, beam_size), -jnp.inf, jnp.float32),
+      cache=cache,
+  )
+  s = jax.lax.while_loop(cond, body, init)
+
+  any_finished = s.finished_scores[:, 0] > -jnp.inf  # [B]
+  alive_scores = s.alive_logp / length_penalty(jnp.float32(max_len), alpha)
+  seqs = jnp.where(any_finished[:, None, None], s.finished_seqs, s.alive_seqs)
+  scores = jnp.where(any_finished[:, None], s.finished_scores, alive_scores)
+  return seqs, scores

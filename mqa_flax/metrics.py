@@ -1,0 +1,183 @@
+"""TensorBoard + JSON-lines metric logging and console progress, without TensorFlow.
+
+`MetricWriter` has the method names of `clu.metric_writers` (which imports
+TensorFlow). Scalars go both to TensorBoard event files and to
+`<logdir>/metrics.jsonl`, one line per `write_scalars` call, which is what
+`mqa_flax.report` reads:
+
+  {"step": 1200, "train/loss": 2.31, "train/lr": 0.00094}
+
+A rerun in the same workdir appends, so a step can appear twice after a resume;
+readers should let the later line win.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from absl import logging
+import tensorboardX
+from tensorboardX import summary as tbx_summary
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def flatten_dict(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Flattens nested dicts (or ConfigDicts) into one level with '.'-joined keys."""
+  flat = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if hasattr(v, 'items'):
+      flat.update(flatten_dict(v, key + '.'))
+    else:
+      flat[key] = v
+  return flat
+
+
+class MetricWriter:
+  """Writes scalars, texts and hparams to TensorBoard and scalars to metrics.jsonl.
+
+  With `enabled=False` (non-primary hosts) every method does nothing and no
+  file is created.
+  """
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    self.logdir = logdir
+    self.enabled = enabled
+    self._tb = tensorboardX.SummaryWriter(logdir) if enabled else None
+    self._jsonl_path = os.path.join(logdir, METRICS_FILE)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes scalars (floats, numpy or jax scalars) at `step`."""
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in scalars.items()}
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, int(step))
+    # Opened per call, so the file is complete even if the process dies.
+    with open(self._jsonl_path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **values}) + '\n')
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Writes text summaries (TensorBoard only) at `step`."""
+    if not self.enabled:
+      return
+    for k, v in texts.items():
+      self._tb.add_text(k, str(v), int(step))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Writes (nested) hyperparameters to the TensorBoard HParams plugin."""
+    if not self.enabled:
+      return
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in flatten_dict(hparams).items()}
+    experiment, session_start, _ = tbx_summary.hparams(flat, {})
+    # Same event file as the scalars (tensorboardX's add_hparams would start a
+    # separate sub-run).
+    self._tb.file_writer.add_summary(experiment)
+    self._tb.file_writer.add_summary(session_start)
+
+  def flush(self) -> None:
+    """Flushes pending TensorBoard events to disk."""
+    if self.enabled:
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the TensorBoard writer."""
+    if self.enabled:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Reads a JSON-lines file into a list of dicts, skipping blank lines."""
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:  # A run killed mid-write leaves a partial line.
+        logging.warning('%s: ignoring incomplete last line', path)
+      else:
+        raise ValueError(f'{path}:{i + 1}: invalid JSON line: {e}') from e
+  return rows
+
+
+def format_duration(seconds: float) -> str:
+  """Formats seconds compactly: '3h18m', '4m05s' or '12s'."""
+  if not math.isfinite(seconds):
+    return '?'
+  s = int(round(seconds))
+  if s >= 3600:
+    return f'{s // 3600}h{s % 3600 // 60:02d}m'
+  if s >= 60:
+    return f'{s // 60}m{s % 60:02d}s'
+  return f'{s}s'
+
+
+class ReportProgress:
+  """Logs `step i/n (p%) | r steps/s | ETA t | extra` via absl.logging.
+
+  Call it with the current step (every step, or every `log_every` steps). The
+  first call starts the clock. A later call logs when `every_steps` steps or
+  `every_secs` seconds have passed since the last report (every call when both
+  are None); steps/s is measured over that interval. Time spent inside
+  `with progress.paused():` (evaluation, checkpointing) is not counted.
+  """
+
+  def __init__(self, num_train_steps: int, every_steps: int | None = None,
+               every_secs: float | None = None):
+    self.num_train_steps = num_train_steps
+    self.every_steps = every_steps
+    self.every_secs = every_secs
+    self._last_step: int | None = None
+    self._last_time = 0.0
+    self._paused_secs = 0.0
+    self._rate: float | None = None
+
+  def __call__(self, step: int, extra: str = '') -> bool:
+    """Records `step`, logs the progress line if due, and returns whether it did."""
+    now = time.monotonic()
+    if self._last_step is None:
+      self._last_step, self._last_time, self._paused_secs = step, now, 0.0
+      return False
+    elapsed = now - self._last_time - self._paused_secs
+    due_steps = self.every_steps and step - self._last_step >= self.every_steps
+    due_secs = self.every_secs and elapsed >= self.every_secs
+    if (self.every_steps or self.every_secs) and not (due_steps or due_secs):
+      return False
+    if step <= self._last_step or elapsed <= 0:
+      return False
+    self._rate = (step - self._last_step) / elapsed
+    self._last_step, self._last_time, self._paused_secs = step, now, 0.0
+    logging.info('%s', self.line(step, extra))
+    return True
+
+  def line(self, step: int, extra: str = '') -> str:
+    """Returns the progress line for `step` using the last measured rate."""
+    n = self.num_train_steps
+    parts = [f'step {step}/{n} ({100 * step / max(n, 1):.1f}%)']
+    if self._rate:
+      parts += [f'{self._rate:.2f} steps/s',
+                f'ETA {format_duration(max(n - step, 0) / self._rate)}']
+    if extra:
+      parts.append(extra)
+    return ' | '.join(parts)
+
+  def steps_per_sec(self) -> float | None:
+    """Returns steps/s over the last reported interval (None before any report)."""
+    return self._rate
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Excludes the time spent in the `with` block from the steps/s measurement."""
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._paused_secs += time.monotonic() - start

@@ -1,0 +1,296 @@
+"""Encoder-decoder Transformer of Shazeer (2019), in Flax NNX.
+
+The paper's base model: 6 + 6 layers, learned positional embeddings, one token
+embedding shared by source, target and the output logits, ReLU feed-forward
+blocks. LayerNorm comes before each sub-layer (pre-LN, as in the
+tensor2tensor v2 recipe the paper used), with a final LayerNorm on each
+stack. The residual stream is float32; sub-layers compute in `cfg.dtype`.
+
+Incremental decoding keeps its state in an explicit cache (`init_cache`):
+per decoder layer the self-attention keys/values [B, L, K, H], L the maximum
+length (or the local window: a ring buffer), and the cross-attention
+keys/values [B_src, S, K, H], projected once from the encoder output.
+
+Dimension letters: B batch, S source length, T target length, D model,
+F feed-forward, V vocabulary, N query heads, K key/value heads, H head
+dimension, L self-attention cache length.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mqa_flax.attention import Attention
+from mqa_flax.config import ModelConfig
+
+Cache = dict[str, Any]
+_normal = jax.nn.initializers.normal
+
+
+def shift_right(targets_BT: jax.Array, segmentation_BT: jax.Array) -> jax.Array:
+  """Decoder inputs: targets moved one step right, 0 (BOS) opening each segment."""
+  shifted = jnp.pad(targets_BT, ((0, 0), (1, 0)))[:, :-1]
+  prev_seg = jnp.pad(segmentation_BT, ((0, 0), (1, 0)))[:, :-1]
+  return jnp.where(segmentation_BT == prev_seg, shifted, 0)
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+  """Fixed sine/cosine position table, [max_len, D]."""
+  pos = np.arange(max_len)[:, None]
+  inv = np.exp(-math.log(1e4) * np.arange(0, d_model, 2) / d_model)[None]
+  table = np.zeros((max_len, d_model), np.float32)
+  table[:, 0::2] = np.sin(pos * inv)
+  table[:, 1::2] = np.cos(pos * inv)
+  return table
+
+
+def attention_mask(q_seg: jax.Array, k_seg: jax.Array, causal: bool = False,
+                   window: int = 0) -> jax.Array:
+  """[B, T, S] mask: same non-padding segment, optionally causal and local."""
+  mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  if causal:
+    t = jnp.arange(q_seg.shape[1])[:, None]
+    s = jnp.arange(k_seg.shape[1])[None, :]
+    keep = s <= t
+    if window:
+      keep &= t - s < window
+    mask &= keep[None]
+  return mask
+
+
+def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+  if rngs is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class FeedForward(nnx.Module):
+  """ReLU MLP, D -> F -> D."""
+
+  def __init__(self, d_model: int, d_ff: int, dtype: jnp.dtype, *,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.wi = nnx.Param(_normal(d_model**-0.5)(rngs.params(), (d_model, d_ff)))
+    self.bi = nnx.Param(jnp.zeros((d_ff,)))
+    self.wo = nnx.Param(_normal(d_ff**-0.5)(rngs.params(), (d_ff, d_model)))
+    self.bo = nnx.Param(jnp.zeros((d_model,)))
+
+  def __call__(self, x_BTD: jax.Array, rngs: nnx.Rngs | None,
+               rate: float) -> jax.Array:
+    dt = self.dtype
+    h = jnp.einsum('BTD,DF->BTF', x_BTD.astype(dt), self.wi[...].astype(dt))
+    h = _dropout(jax.nn.relu(h + self.bi[...].astype(dt)[None, None]), rate, rngs)
+    y = jnp.einsum('BTF,FD->BTD', h, self.wo[...].astype(dt))
+    return y + self.bo[...].astype(dt)[None, None]
+
+
+class EncoderLayer(nnx.Module):
+  """Self-attention and feed-forward, each pre-normed and residual."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, dt = cfg.d_model, cfg.compute_dtype
+    self.rate = cfg.dropout_rate
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.attn = Attention(d, cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim,
+                          dt, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.ffn = FeedForward(d, cfg.d_ff, dt, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    h = self.ln1(x)
+    x = x + _dropout(self.attn(h, h, mask), self.rate, rngs)
+    return x + _dropout(self.ffn(self.ln2(x), rngs, self.rate), self.rate, rngs)
+
+
+class DecoderLayer(nnx.Module):
+  """Causal self-attention, encoder-decoder attention and feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, dt = cfg.d_model, cfg.compute_dtype
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.rate = cfg.dropout_rate
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.self_attn = Attention(d, n, k, h, dt, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.cross_attn = Attention(d, n, k, h, dt, rngs=rngs)
+    self.ln3 = nnx.LayerNorm(d, rngs=rngs)
+    self.ffn = FeedForward(d, cfg.d_ff, dt, rngs=rngs)
+
+  def __call__(self, x: jax.Array, enc: jax.Array, self_mask: jax.Array,
+               cross_mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    h = self.ln1(x)
+    x = x + _dropout(self.self_attn(h, h, self_mask), self.rate, rngs)
+    x = x + _dropout(self.cross_attn(self.ln2(x), enc, cross_mask), self.rate,
+                     rngs)
+    return x + _dropout(self.ffn(self.ln3(x), rngs, self.rate), self.rate, rngs)
+
+  def step(self, x_B1D: jax.Array, cache: Cache, index: jax.Array,
+           self_mask: jax.Array, cross_mask: jax.Array,
+           read_len: int | None) -> tuple[jax.Array, Cache]:
+    """One incremental position: writes its K/V into the cache, then attends."""
+    h = self.ln1(x_B1D)
+    k, v = self.self_attn.project_kv(h)  # [B, 1, K, H]
+    slot = index % cache['k'].shape[1]
+    ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, slot, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, slot, axis=1)
+    n = ck.shape[1] if read_len is None else min(read_len, ck.shape[1])
+    x = x_B1D + self.self_attn.attend(h, ck[:, :n], cv[:, :n], self_mask)
+    x = x + self.cross_attn.attend(self.ln2(x), cache['cross_k'],
+                                   cache['cross_v'], cross_mask)
+    x = x + self.ffn(self.ln3(x), None, 0.0)
+    return x, dict(cache, k=ck, v=cv)
+
+
+class Transformer(nnx.Module):
+  """The encoder-decoder; `__call__` for training, `decode_step` for inference."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.d_model
+    self.embed = nnx.Param(_normal(d**-0.5)(rngs.params(), (cfg.vocab_size, d)))
+    if cfg.pos_embedding == 'learned':
+      self.src_pos = nnx.Param(_normal(1.0)(rngs.params(), (cfg.max_len, d)))
+      self.tgt_pos = nnx.Param(_normal(1.0)(rngs.params(), (cfg.max_len, d)))
+    self.encoder = nnx.List(
+        [EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_encoder_layers)])
+    self.encoder_ln = nnx.LayerNorm(d, rngs=rngs)
+    self.decoder = nnx.List(
+        [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_decoder_layers)])
+    self.decoder_ln = nnx.LayerNorm(d, rngs=rngs)
+
+  def _embed(self, ids: jax.Array, positions: jax.Array,
+             side: str) -> jax.Array:
+    """Token embedding * sqrt(D) plus position embedding, float32."""
+    cfg = self.cfg
+    x = self.embed[...][ids] * math.sqrt(cfg.d_model)
+    positions = jnp.minimum(positions, cfg.max_len - 1)
+    if cfg.pos_embedding == 'learned':
+      table = (self.src_pos if side == 'src' else self.tgt_pos)[...]
+    else:
+      table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
+    return x + table[positions]
+
+  def logits(self, x_BTD: jax.Array) -> jax.Array:
+    """Output logits from the tied embedding, float32 [B, T, V]."""
+    dt = self.cfg.compute_dtype
+    return jnp.einsum('BTD,VD->BTV', x_BTD.astype(dt),
+                      self.embed[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def encode(self, inputs: jax.Array, inputs_segmentation: jax.Array | None = None,
+             inputs_position: jax.Array | None = None,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Encoder output [B, S, D]; token 0 is padding unless segments are given."""
+    seg = _segments(inputs, inputs_segmentation)
+    pos = _positions(inputs, inputs_position)
+    x = _dropout(self._embed(inputs, pos, 'src'), self.cfg.dropout_rate, rngs)
+    mask = attention_mask(seg, seg)
+    for layer in self.encoder:
+      x = layer(x, mask, rngs)
+    return self.encoder_ln(x)
+
+  def decode(self, targets: jax.Array, encoded: jax.Array,
+             inputs_segmentation: jax.Array,
+             targets_segmentation: jax.Array | None = None,
+             targets_position: jax.Array | None = None,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Teacher-forced logits [B, T, V] for predicting `targets`."""
+    seg = _segments(targets, targets_segmentation)
+    x = self._embed(shift_right(targets, seg),
+                    _positions(targets, targets_position), 'tgt')
+    return self.decode_embedded(x, encoded, inputs_segmentation, seg, rngs)
+
+  def decode_embedded(self, x_BTD: jax.Array, encoded: jax.Array,
+                      inputs_segmentation: jax.Array,
+                      targets_segmentation: jax.Array,
+                      rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The decoder stack from embedded (shifted) target inputs to logits."""
+    x = _dropout(x_BTD, self.cfg.dropout_rate, rngs)
+    self_mask = attention_mask(targets_segmentation, targets_segmentation,
+                               causal=True, window=self.cfg.local_window)
+    cross_mask = attention_mask(targets_segmentation, inputs_segmentation)
+    for layer in self.decoder:
+      x = layer(x, encoded, self_mask, cross_mask, rngs)
+    return self.logits(self.decoder_ln(x))
+
+  def __call__(self, inputs: jax.Array, targets: jax.Array, *,
+               inputs_segmentation: jax.Array | None = None,
+               targets_segmentation: jax.Array | None = None,
+               inputs_position: jax.Array | None = None,
+               targets_position: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits [B, T, V]; dropout is on when `rngs` (with a 'dropout' stream) is given."""
+    in_seg = _segments(inputs, inputs_segmentation)
+    encoded = self.encode(inputs, in_seg, inputs_position, rngs)
+    return self.decode(targets, encoded, in_seg, targets_segmentation,
+                       targets_position, rngs)
+
+  def init_cache(self, encoded: jax.Array, inputs: jax.Array, max_len: int,
+                 beam_size: int = 1) -> Cache:
+    """Decode state for `encoded` [B, S, D]: empty self K/V, projected cross K/V.
+
+    The self-attention rows are B * beam_size (sentence-major); the cross K/V
+    and the source mask stay at B rows, shared by a sentence's beams.
+    """
+    cfg = self.cfg
+    rows = encoded.shape[0] * beam_size
+    length = min(max_len, cfg.local_window) if cfg.local_window else max_len
+    shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+    layers = []
+    for layer in self.decoder:
+      ck, cv = layer.cross_attn.project_kv(encoded)
+      layers.append(dict(k=jnp.zeros(shape, cfg.compute_dtype),
+                         v=jnp.zeros(shape, cfg.compute_dtype),
+                         cross_k=ck, cross_v=cv))
+    return dict(index=jnp.zeros((), jnp.int32), src_mask=inputs != 0,
+                layers=layers)
+
+  def decode_step(self, ids_B: jax.Array, cache: Cache,
+                  read_len: int | None = None) -> tuple[jax.Array, Cache]:
+    """Logits [B, V] for the next token after `ids_B`, and the updated cache.
+
+    `read_len` (static) limits self-attention to the first `read_len` cache
+    slots; it must exceed the current index.
+    """
+    index = cache['index']
+    rows = ids_B.shape[0]
+    x = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
+    length = cache['layers'][0]['k'].shape[1]
+    n = length if read_len is None else min(read_len, length)
+    self_mask = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
+    src_mask = cache['src_mask']
+    repeats = rows // src_mask.shape[0]
+    cross_mask = jnp.repeat(src_mask, repeats, axis=0)[:, None, :]
+    layers = []
+    for layer, layer_cache in zip(self.decoder, cache['layers']):
+      x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_mask,
+                                  read_len)
+      layers.append(layer_cache)
+    logits = self.logits(self.decoder_ln(x))[:, 0]
+    return logits, dict(cache, index=index + 1, layers=layers)
+
+
+def _segments(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:
+  return (tokens != 0).astype(jnp.int32) if segmentation is None else segmentation
+
+
+def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+  if positions is None:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return positions
+
+
+def param_count(model: nnx.Module) -> int:
+  """Number of parameters (works on an abstract `nnx.eval_shape` model too)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def cache_bytes(cache: Cache) -> int:
+  """Bytes held by a decode cache (or its `jax.eval_shape`)."""
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))

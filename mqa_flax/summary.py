@@ -1,0 +1,135 @@
+"""Parameters, KV-cache bytes, FLOPs and decode memory traffic of a config.
+
+  python -m mqa_flax.summary --config=configs/paper.py:mqa \
+      [--batch=1024 --src_len=128 --tgt_len=128 --beam_size=1] [--json]
+
+Shapes come from `jax.eval_shape`, so even the 211M model costs no memory.
+The memory traffic of one incremental decode step (decoder weights + tied
+output embedding + cross-attention K/V + self-attention K/V) is the floor
+that `decode.py --mode=benchmark` compares its timings with.
+"""
+
+import json
+import math
+import sys
+
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from mqa_flax.config import ModelConfig
+from mqa_flax.model import Transformer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                          lock_config=True)
+_BATCH = flags.DEFINE_integer('batch', 1024, 'Sentences decoded at once.')
+_SRC_LEN = flags.DEFINE_integer('src_len', 128, 'Source length (tokens).')
+_TGT_LEN = flags.DEFINE_integer('tgt_len', 128, 'Target length (tokens).')
+_BEAM = flags.DEFINE_integer('beam_size', 1, 'Beams per sentence.')
+_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+
+
+def param_groups(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts by part: embeddings, encoder, decoder sub-layers."""
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  groups: dict[str, int] = {}
+  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    keys = [str(p) for p in path]
+    if keys[0] in ('encoder', 'decoder'):
+      part = keys[2] if keys[2] in ('attn', 'self_attn', 'cross_attn', 'ffn') else 'ln'
+      name = f'{keys[0]}.{part}'
+    else:
+      name = keys[0]
+    groups[name] = groups.get(name, 0) + math.prod(leaf.get_value().shape)
+  return groups
+
+
+def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
+            beam_size: int = 1) -> dict[str, float]:
+  """Sizes and per-token costs of training and incremental decoding.
+
+  Traffic counts what one decode step must read at least: each weight used
+  per step once, the cross K/V of every sentence, and the self K/V of every
+  row up to its position (`growing`, averaged over the target length) or the
+  whole cache (`padded`, the paper's fixed-size memory; the window when
+  local).
+  """
+  groups = param_groups(cfg)
+  item = cfg.compute_dtype.itemsize
+  d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+  k = cfg.num_kv_heads
+  layers = cfg.num_decoder_layers
+  rows = batch * beam_size
+  kv_width = 2 * k * h  # keys + values per position per layer
+
+  cross_kv_proj = layers * d * kv_width  # Done once per sentence.
+  step_weights = (sum(v for g, v in groups.items() if g.startswith('decoder'))
+                  - cross_kv_proj + cfg.vocab_size * d)
+  window = cfg.local_window or tgt_len
+  # Positions attended at step t (0-based) is min(t + 1, window).
+  mean_seen = sum(min(t + 1, window) for t in range(tgt_len)) / tgt_len
+  padded_seen = min(window, tgt_len)
+
+  self_bytes_per_pos = layers * kv_width * item
+  cross_bytes_per_sentence = layers * src_len * kv_width * item
+  weight_bytes = step_weights * item
+  traffic = {}
+  for mode, seen in (('growing', mean_seen), ('padded', padded_seen)):
+    traffic[mode] = (weight_bytes + batch * cross_bytes_per_sentence +
+                     rows * seen * self_bytes_per_pos)
+
+  dec_flops = 2 * step_weights + layers * 4 * n * h * (mean_seen + src_len)
+  enc_weights = sum(v for g, v in groups.items() if g.startswith('encoder'))
+  enc_flops = (2 * (enc_weights + cross_kv_proj) +
+               cfg.num_encoder_layers * 4 * n * h * src_len)
+  train_flops_per_token = 3 * (enc_flops + dec_flops)  # fwd + 2x bwd.
+  return {
+      'params_total': sum(groups.values()),
+      **{f'params.{g}': v for g, v in sorted(groups.items())},
+      'kv_cache_bytes_self_per_sequence': self_bytes_per_pos * padded_seen,
+      'kv_cache_bytes_cross_per_sequence': cross_bytes_per_sentence,
+      'kv_cache_bytes_per_token': self_bytes_per_pos,
+      'decode_flops_per_token': dec_flops,
+      'encoder_flops_per_token': enc_flops,
+      'train_flops_per_token': train_flops_per_token,
+      'decode_weight_bytes_per_step': weight_bytes,
+      'decode_bytes_per_step_growing': traffic['growing'],
+      'decode_bytes_per_step_padded': traffic['padded'],
+      'decode_bytes_per_token_growing': traffic['growing'] / rows,
+      'decode_bytes_per_token_padded': traffic['padded'] / rows,
+      'batch': batch, 'beam_size': beam_size, 'src_len': src_len,
+      'tgt_len': tgt_len, 'dtype': cfg.dtype,
+  }
+
+
+def format_table(stats: dict[str, float]) -> str:
+  """Aligned `name  value` lines, with M/MB units where they help."""
+  lines = []
+  for key, v in stats.items():
+    if key.startswith('params'):
+      text = f'{v / 1e6:,.2f} M'
+    elif 'bytes' in key:
+      text = f'{v / 2**20:,.3f} MiB'
+    elif 'flops' in key:
+      text = f'{v / 1e6:,.1f} MFLOP'
+    else:
+      text = str(v)
+    lines.append(f'{key:<40} {text}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    sys.exit('error: --config is required, e.g. --config=configs/paper.py:mqa')
+  cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  stats = analyze(cfg, _BATCH.value, _SRC_LEN.value, _TGT_LEN.value,
+                  _BEAM.value)
+  stats = {'variant': config.variant, **stats}
+  print(json.dumps(stats, indent=1) if _JSON.value else format_table(stats))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,170 @@
+"""Model tests: cache = forward, GQA = copied MHA, causality, masks, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mqa_flax.config import ModelConfig
+from mqa_flax.model import Transformer, attention_mask, shift_right
+
+VARIANTS = {  # name: (N, K, local window)
+    'mha': (4, 4, 0), 'gqa': (4, 2, 0), 'mqa': (4, 1, 0),
+    'mha_local': (4, 4, 3), 'mqa_local': (4, 1, 3),
+}
+
+
+def tiny(n=4, k=4, window=0, **kw) -> ModelConfig:
+  args = dict(vocab_size=32, num_encoder_layers=2, num_decoder_layers=2,
+              d_model=32, d_ff=48, num_heads=n, num_kv_heads=k, head_dim=8,
+              local_window=window, max_len=32, dropout_rate=0.0)
+  return ModelConfig(**(args | kw))
+
+
+def batch(seed=0, b=3, s=7, t=9):
+  rng = np.random.default_rng(seed)
+  src = rng.integers(3, 32, (b, s))
+  tgt = rng.integers(3, 32, (b, t))
+  src[1, 5:] = 0  # Padding in one row of each.
+  tgt[1, 6:] = 0
+  return jnp.asarray(src, jnp.int32), jnp.asarray(tgt, jnp.int32)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('read_len', [None, 'growing'])
+def test_incremental_decoding_equals_forward(variant, read_len):
+  cfg = tiny(*VARIANTS[variant])
+  model = Transformer(cfg, rngs=nnx.Rngs(1))
+  src, tgt = batch()
+  full = jax.jit(model)(src, tgt)  # [B, T, V]
+  dec_in = shift_right(tgt, (tgt != 0).astype(jnp.int32))
+  cache = model.init_cache(model.encode(src), src, max_len=tgt.shape[1])
+  step = jax.jit(model.decode_step, static_argnums=2)
+  for t in range(tgt.shape[1]):
+    logits, cache = step(dec_in[:, t], cache, t + 1 if read_len else None)
+    real = np.asarray(tgt[:, t] != 0)
+    np.testing.assert_allclose(logits[real], full[real, t], atol=1e-5, rtol=1e-5)
+  if cfg.local_window:  # The ring buffer holds the window only.
+    assert cache['layers'][0]['k'].shape[1] == cfg.local_window
+
+
+def test_beams_share_cross_attention_memory():
+  model = Transformer(tiny(4, 2), rngs=nnx.Rngs(2))
+  src, tgt = batch()
+  enc = model.encode(src)
+  shared = model.init_cache(enc, src, max_len=4, beam_size=2)
+  copied = model.init_cache(jnp.repeat(enc, 2, axis=0), jnp.repeat(src, 2, axis=0),
+                            max_len=4)
+  assert shared['layers'][0]['cross_k'].shape[0] == 3
+  assert copied['layers'][0]['cross_k'].shape[0] == 6
+  ids = jnp.repeat(tgt[:, 0], 2)
+  step = jax.jit(model.decode_step)
+  for _ in range(3):
+    a, shared = step(ids, shared)
+    b, copied = step(ids, copied)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    ids = jnp.argmax(a, -1).astype(jnp.int32)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_grouped_equals_multi_head_with_copied_kv(k):
+  n = 4
+  gqa = Transformer(tiny(n, k), rngs=nnx.Rngs(3))
+  mha = Transformer(tiny(n, n), rngs=nnx.Rngs(4))
+  graph, state = nnx.split(mha)
+  flat = dict(nnx.to_flat_state(state))
+  for path, var in nnx.to_flat_state(nnx.state(gqa)):
+    value = var.get_value()
+    if path[-1] in ('k', 'v'):  # [D, K, H] -> [D, N, H]: each head G times.
+      value = jnp.repeat(value, n // k, axis=1)
+    flat[path].set_value(value)
+  mha = nnx.merge(graph, nnx.from_flat_state(flat))
+  src, tgt = batch(1)
+  np.testing.assert_allclose(jax.jit(gqa)(src, tgt), jax.jit(mha)(src, tgt),
+                             atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('variant', ['mha', 'mqa', 'mqa_local'])
+def test_causality_exact_zero_gradient(variant):
+  cfg = tiny(*VARIANTS[variant])
+  model = Transformer(cfg, rngs=nnx.Rngs(5))
+  src, tgt = batch(2, b=2, t=8)
+  seg = (tgt != 0).astype(jnp.int32)
+  x = model._embed(shift_right(tgt, seg), jnp.broadcast_to(jnp.arange(8), (2, 8)), 'tgt')
+  enc = model.encode(src)
+  in_seg = (src != 0).astype(jnp.int32)
+  grad_fn = jax.jit(jax.grad(lambda x, t: model.decode_embedded(
+      x, enc, in_seg, jnp.ones_like(seg))[:, t].sum()), static_argnums=1)
+  for t in (0, 3, 5):
+    grad = grad_fn(x, t)
+    assert np.all(np.asarray(grad[:, t + 1:]) == 0.0), t
+    assert np.all(np.abs(np.asarray(grad[:, t])).sum(-1) > 0), t
+
+
+def test_local_window_one_layer_sees_exactly_window():
+  w = 3
+  cfg = tiny(4, 1, w, num_decoder_layers=1)
+  model = Transformer(cfg, rngs=nnx.Rngs(6))
+  src = batch(3, b=2)[0][:1]
+  x = jax.random.normal(jax.random.key(0), (1, 8, 32))
+  enc = model.encode(src)
+  in_seg = (src != 0).astype(jnp.int32)
+  seg = jnp.ones((1, 8), jnp.int32)
+  t = 6
+  grad = jax.jit(jax.grad(
+      lambda x: model.decode_embedded(x, enc, in_seg, seg)[:, t].sum()))(x)
+  seen = np.abs(np.asarray(grad[0])).sum(-1) > 0
+  positions = np.arange(8)
+  np.testing.assert_array_equal(seen, (positions <= t) & (positions > t - w))
+
+
+@pytest.mark.parametrize('window', [0, 1, 4])
+def test_attention_mask_counts(window):
+  seg = jnp.ones((1, 10), jnp.int32)
+  mask = np.asarray(attention_mask(seg, seg, causal=True, window=window))[0]
+  t = np.arange(10)
+  expected = np.minimum(t + 1, window) if window else t + 1
+  np.testing.assert_array_equal(mask.sum(-1), expected)
+
+
+def test_padding_and_packing_change_nothing():
+  model = Transformer(tiny(4, 2), rngs=nnx.Rngs(7))
+  a_src, a_tgt = jnp.array([[5, 6, 7, 1]]), jnp.array([[8, 9, 1]])
+  b_src, b_tgt = jnp.array([[10, 11, 1]]), jnp.array([[12, 13, 14, 1]])
+  fwd = jax.jit(model)
+  la, lb = fwd(a_src, a_tgt), fwd(b_src, b_tgt)
+  padded = fwd(jnp.pad(a_src, ((0, 0), (0, 5))), jnp.pad(a_tgt, ((0, 0), (0, 4))))
+  np.testing.assert_allclose(padded[:, :3], la, atol=1e-5)
+  packed = fwd(
+      jnp.concatenate([a_src, b_src, jnp.zeros((1, 2), jnp.int32)], 1),
+      jnp.concatenate([a_tgt, b_tgt, jnp.zeros((1, 1), jnp.int32)], 1),
+      inputs_segmentation=jnp.array([[1, 1, 1, 1, 2, 2, 2, 0, 0]]),
+      targets_segmentation=jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]]),
+      inputs_position=jnp.array([[0, 1, 2, 3, 0, 1, 2, 0, 0]]),
+      targets_position=jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]]))
+  np.testing.assert_allclose(packed[:, :3], la, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 3:7], lb, atol=1e-5)
+
+
+def test_heads_must_divide():
+  with pytest.raises(ValueError, match='num_heads=8.*num_kv_heads=3'):
+    tiny(8, 3)
+
+
+def test_sharded_forward_equals_single_device():
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  model = Transformer(tiny(4, 1), rngs=nnx.Rngs(8))
+  src, tgt = batch(4, b=8)
+  graph, state = nnx.split(model)
+  fwd = jax.jit(lambda state, s, t: nnx.merge(graph, state)(s, t))
+  single = fwd(state, src, tgt)
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  shard = NamedSharding(mesh, P('data'))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  sharded = fwd(state, jax.device_put(src, shard), jax.device_put(tgt, shard))
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(sharded, single, atol=1e-5)

@@ -1,0 +1,178 @@
+"""Tests for mqa_flax.report on fake run directories."""
+
+import json
+import os
+import subprocess
+import sys
+
+from matplotlib import image
+import pytest
+
+from mqa_flax import report
+
+MODEL = {'num_heads': 8, 'num_kv_heads': 8, 'head_dim': 128, 'd_ff': 4096,
+         'local_window': 0}
+
+
+def _write(path, name, obj):
+  with open(os.path.join(path, name), 'w') as f:
+    if name.endswith('.jsonl'):
+      f.writelines(json.dumps(row) + '\n' for row in obj)
+    else:
+      json.dump(obj, f)
+
+
+def _bleu(b13a, intl, step=200):
+  return {'bleu_13a': b13a, 'bleu_intl': intl, 'bleu_13a_lc': b13a + 1,
+          'signature_13a': 'nrefs:1|case:mixed|tok:13a', 'num_sentences': 3,
+          'checkpoint_step': step}
+
+
+def _quality_run(root, name, variant, seed, model, ppl, bleu, params=None):
+  path = root / name
+  path.mkdir()
+  _write(path, 'config.json', {'variant': variant, 'seed': seed, 'model': model})
+  if params:
+    _write(path, 'summary.json', {'params_total': params,
+                                  'kv_cache_bytes_per_token': 1024})
+  _write(path, 'metrics.jsonl', [
+      {'step': 100, 'train/loss': 3.0, 'train/lr': 1e-3},
+      {'step': 100, 'eval/loss': 2.0, 'eval/ln_ppl': ppl[0]},
+      {'step': 200, 'train/loss': 2.5},
+      {'step': 200, 'eval/ln_ppl': 9.9},  # Overwritten below after a resume.
+      {'step': 200, 'eval/ln_ppl': ppl[1]},
+      {'step': 300, 'eval/ln_ppl': ppl[2]},
+  ])
+  _write(path, 'bleu.json', bleu)
+  return str(path)
+
+
+def _bench_row(variant, kind, batch, us, cache=None, floor=None):
+  return {'variant': variant, 'kind': kind, 'cache': cache, 'batch': batch,
+          'src_len': 32, 'tgt_len': 32, 'us_per_token': us, 'compile_s': 1.5,
+          'bytes_per_step': 2_500_000, 'achieved_gbps': 800.0,
+          'floor_us_per_token': floor, 'fraction_of_floor': 0.5,
+          'device': 'cpu', 'date': '2025-01-02', 'dtype': 'float32'}
+
+
+@pytest.fixture
+def runs(tmp_path):
+  mha0 = _quality_run(
+      tmp_path, 'mha-s0', 'mha', 0, MODEL, ppl=(1.8, 1.50, 1.2),
+      bleu={'dev/greedy': _bleu(30.0, 31.0), 'test/greedy': _bleu(40.0, 41.0),
+            'test/beam4': _bleu(41.0, 42.0),
+            'newstest2014/beam4': _bleu(25.0, 26.0)},
+      params=211_000_000)
+  mha1 = _quality_run(
+      tmp_path, 'mha-s1', 'mha', 1, MODEL, ppl=(1.9, 1.60, 1.3),
+      bleu={'dev/greedy': _bleu(32.0, 33.0), 'test/greedy': _bleu(41.0, 42.0),
+            'test/beam4': _bleu(42.0, 44.0)},
+      params=211_000_000)
+  # No eval at the BLEU checkpoint (step 250): falls back to the minimum.
+  mqa = _quality_run(
+      tmp_path, 'mqa-s0', 'mqa', 0, {**MODEL, 'num_kv_heads': 1},
+      ppl=(1.9, 1.7, 1.65), bleu={'test/beam4': _bleu(39.5, 40.5, step=250)})
+  bench = tmp_path / 'bench'
+  bench.mkdir()
+  rows = []
+  for v, scale in (('mha', 4.0), ('mqa', 1.0)):
+    rows += [_bench_row(v, 'train', 128, 0.4),
+             _bench_row(v, 'encoder', 64, 1.7),
+             _bench_row(v, 'encoder', 16, 2.0),
+             _bench_row(v, 'beam4', 16, 50.0 * scale, 'padded'),
+             _bench_row(v, 'beam4', 16, 60.0 * scale, 'growing')]
+    for b in (1, 8, 64):
+      for cache, slow in (('padded', 1.0), ('growing', 1.5)):
+        rows.append(_bench_row(v, 'greedy', b, slow * scale * 300 / b, cache,
+                               floor=scale * 100 / b))
+  _write(bench, 'benchmark.jsonl', rows)
+  return [mha0, mha1, mqa, str(bench)]
+
+
+def _table_row(text, first_cell):
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    if cells[0] == first_cell:
+      return cells
+  raise AssertionError(f'no row {first_cell!r} in:\n{text}')
+
+
+def test_report_tables_and_plots(runs, tmp_path):
+  out = str(tmp_path / 'out')
+  assert report.main(runs + ['--out', out]) == out
+
+  t1 = open(os.path.join(out, 'table1.md')).read()
+  header = _table_row(t1, 'variant')
+  assert header[header.index('dev ln(PPL)'):] == [
+      'dev ln(PPL)', 'dev BLEU greedy', 'test BLEU greedy', 'test BLEU beam-4',
+      'newstest2014 BLEU beam-4']
+  mha = dict(zip(header, _table_row(t1, 'mha')))
+  assert mha['attention'] == 'multi-head h=8 K=8'
+  assert (mha['h'], mha['K'], mha['d_k'], mha['d_ff']) == ('8', '8', '128', '4096')
+  assert mha['params (M)'] == '211.0'
+  assert mha['n'] == '2'
+  assert mha['dev ln(PPL)'] == '1.550 ± 0.071'  # At checkpoint step 200.
+  assert mha['dev BLEU greedy'] == '31.00 ± 1.41'
+  assert mha['test BLEU greedy'] == '40.50 ± 0.71'
+  assert mha['test BLEU beam-4'] == '41.50 ± 0.71'
+  assert mha['newstest2014 BLEU beam-4'] == '25.00 (n=1)'
+  mqa = dict(zip(header, _table_row(t1, 'mqa')))
+  assert mqa['attention'] == 'multi-query h=8 K=1'
+  assert mqa['params (M)'] == '–'
+  assert mqa['dev ln(PPL)'] == '1.650*'
+  assert mqa['test BLEU beam-4'] == '39.50'
+  assert mqa['test BLEU greedy'] == '–'
+  intl = t1[t1.index('intl'):]
+  assert _table_row(intl, 'mha')[2:5] == [
+      '32.00 ± 1.41', '41.50 ± 0.71', '43.00 ± 1.41']
+
+  t2 = open(os.path.join(out, 'table2.md')).read()
+  # Largest batch, fastest cache mode; encoder at the same batch.
+  batches = '128 / 64 / 16'
+  assert _table_row(t2, 'mha')[1:] == ['0.400', '1.70 + 18.8', '2.00 + 200', batches]
+  assert _table_row(t2, 'mqa')[1:] == ['0.400', '1.70 + 4.69', '2.00 + 50.0', batches]
+  assert 'Device: cpu. Date: 2025-01-02.' in t2
+  detail = t2[t2.index('Every benchmark row'):]
+  assert len([l for l in detail.splitlines() if l.startswith('| m')]) == 2 * 11
+
+  md = open(os.path.join(out, 'report.md')).read()
+  assert t1 in md and t2 in md
+  for name in ('bleu_by_variant.png', 'decode_vs_batch.png', 'training_curves.png'):
+    assert f'![{name}]({name})' in md
+    path = os.path.join(out, name)
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert os.path.getsize(path) > 1000
+    assert image.imread(path).ndim == 3
+
+
+def test_report_skips_plots_without_data(tmp_path):
+  run = tmp_path / 'mha_local-s0'
+  run.mkdir()
+  _write(run, 'config.json', {'seed': 0, 'model': {**MODEL, 'local_window': 32}})
+  out = str(tmp_path / 'out')
+  report.main([str(run), '--out', out])
+  md = open(os.path.join(out, 'report.md')).read()
+  row = _table_row(md, 'mha_local')  # Variant derived from the model.
+  assert row[1] == 'multi-head h=8 K=8, local window 32'
+  assert row[8:] == ['–']
+  assert 'No benchmark.jsonl rows.' in md
+  for name in ('bleu_by_variant.png', 'decode_vs_batch.png', 'training_curves.png'):
+    assert f'{name}: skipped' in md
+    assert not os.path.exists(os.path.join(out, name))
+
+
+def test_bad_run_directories(tmp_path):
+  with pytest.raises(report.ReportError, match='not a directory'):
+    report.main([str(tmp_path / 'missing')])
+  with pytest.raises(report.ReportError, match='neither config.json nor benchmark'):
+    report.main([str(tmp_path)])
+
+
+def test_cli_prints_one_line_error(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mqa_flax.report', str(tmp_path / 'missing')],
+      cwd=root, capture_output=True, text=True, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == f'error: {tmp_path / "missing"}: not a directory'

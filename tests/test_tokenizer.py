@@ -1,0 +1,52 @@
+"""Tests for the sentencepiece wrapper."""
+
+import pytest
+
+from mqa_flax import tokenizer as tokenizer_lib
+
+_TEXTS = [
+    'Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.',
+    'Two young, White males are outside near many bushes.',
+    'Größe, Straße und Übermaß: „Äpfel“ (3,5 €) – öfter?!',
+    'die Zahl ist dreihundertzwölf .',
+    'the number is three hundred and twelve .',
+] * 20
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  path = tmp_path_factory.mktemp('spm') / 'spm.model'
+  return tokenizer_lib.train_tokenizer(_TEXTS, 80, str(path), max_sentences=1000, seed=0)
+
+
+def test_special_ids_and_exact_vocab_size(tokenizer):
+  assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size) == (0, 1, 80)
+  assert all(0 not in ids and 1 not in ids for ids in tokenizer.encode_batch(_TEXTS))
+
+
+@pytest.mark.parametrize('text', _TEXTS[:5] + ['Äpfel Übermaß äöü ß', 'a  b', ' a', 'y '])
+def test_round_trip_is_exact(tokenizer, text):
+  assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_decode_stops_at_eos_and_drops_padding(tokenizer):
+  ids = tokenizer.encode('Büsche.')
+  assert tokenizer.decode([0] + ids + [1] + ids + [0, 0]) == 'Büsche.'
+  assert tokenizer.encode_batch(['a b', 'Büsche.'])[1] == ids
+
+
+def test_training_is_deterministic_and_reloads(tokenizer, tmp_path):
+  again = tokenizer_lib.train_tokenizer(_TEXTS, 80, str(tmp_path / 'b.model'), 1000, seed=0)
+  assert again.fingerprint == tokenizer.fingerprint
+  assert tokenizer_lib.Tokenizer(str(tmp_path / 'b.model')).encode(_TEXTS[0]) == tokenizer.encode(_TEXTS[0])
+
+
+def test_too_large_vocab_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match=r'^vocab_size=5000 is more than the training text supports '
+                     r'\(max \d+\); lower data.vocab_size$'):
+    tokenizer_lib.train_tokenizer(_TEXTS, 5000, str(tmp_path / 'x.model'), 1000)
+
+
+def test_too_small_vocab_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='raise data.vocab_size'):
+    tokenizer_lib.train_tokenizer(_TEXTS, 10, str(tmp_path / 'x.model'), 1000)
