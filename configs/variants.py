@@ -42,7 +42,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.data.vocab_size = 64
   c.data.numbers_train_size, c.data.numbers_eval_size = 400, 16
   c.data.numbers_max = 999
-  c.data.max_len, c.data.max_eval_len = 32, 32
+  c.data.max_len, c.data.max_eval_len = 64, 64
   c.data.batch_size, c.data.eval_batch_size = 8, 8
   c.opt.optimizer, c.opt.learning_rate, c.opt.warmup_steps = 'adamw', 3e-3, 5
   c.num_train_steps = 20

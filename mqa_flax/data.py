@@ -214,15 +214,20 @@ class Examples:
     return len(self.src_offsets) - 1
 
   def src(self, i: int) -> np.ndarray:
+    """Returns the ids of source i, EOS included."""
     return self.src_tokens[self.src_offsets[i]:self.src_offsets[i + 1]]
 
   def tgt(self, i: int) -> np.ndarray:
+    """Returns the ids of target i, EOS included."""
     return self.tgt_tokens[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]
 
   def max_lengths(self) -> tuple[int, int]:
     """Returns the longest source and target, in tokens."""
-    longest = lambda offsets: int(np.diff(offsets).max(initial=0))
-    return longest(self.src_offsets), longest(self.tgt_offsets)
+    return _longest(self.src_offsets), _longest(self.tgt_offsets)
+
+
+def _longest(offsets: np.ndarray) -> int:
+  return int(np.diff(offsets).max(initial=0))
 
 
 def _flatten(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ TokensToLogits = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
 
 
 def expand_to_beams(x: jax.Array, beam_size: int) -> jax.Array:
-  """Repeats each row of `x` beam_size times along axis 0 ([B, ...] -> [B*K, ...])."""
+  """Repeats each row beam_size times along axis 0: [B, ...] -> [B*K, ...]."""
   return jnp.repeat(x, beam_size, axis=0)
 
 
@@ -39,7 +39,8 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
   return ((5.0 + length) / 6.0) ** alpha
 
 
-def _forced_eos(step: jax.Array, max_lens: jax.Array | None) -> jax.Array | None:
+def _forced_eos(step: jax.Array,
+               max_lens: jax.Array | None) -> jax.Array | None:
   """Which sentences must emit EOS at this step ([B] bool), or None."""
   return None if max_lens is None else step == max_lens - 1
 
@@ -121,7 +122,7 @@ class BeamState:
 
 
 def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """Picks beams along axis 1: x [B, K_in, ...], idx [B, K_out] -> [B, K_out, ...]."""
+  """Picks beams: x [B, K_in, ...] and idx [B, K_out] -> [B, K_out, ...]."""
   idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
   return jnp.take_along_axis(x, idx, axis=1)
 
@@ -162,7 +163,8 @@ def beam_search(
   it can still reach: log-probs only fall and, for alpha >= 0, the penalty
   only grows with length, so stopping then never changes the result. A
   sentence without any finished hypothesis returns its alive beams, scored
-  with length max_len.
+  with length max_len. Slots that no hypothesis reached score -inf and hold
+  only pad.
 
   Args:
     tokens_to_logits: callback over batch_size * beam_size rows, see the
@@ -216,7 +218,8 @@ def beam_search(
     alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_logp),
                                      beam_size)  # [B, K]
     alive_seqs = _gather_beams(top_seqs, keep)  # --> [B, K, T]
-    cache = _reorder_cache(cache, _gather_beams(top_beam, keep))
+    if beam_size > 1:  # With one beam the gather is the identity.
+      cache = _reorder_cache(cache, _gather_beams(top_beam, keep))
 
     # EOS extensions within the top K join the finished set, which keeps K.
     in_beam = jnp.arange(2 * beam_size)[None, :] < beam_size  # [1, 2K]
@@ -246,4 +249,5 @@ def beam_search(
   alive_scores = s.alive_logp / length_penalty(jnp.float32(max_len), alpha)
   seqs = jnp.where(any_finished[:, None, None], s.finished_seqs, s.alive_seqs)
   scores = jnp.where(any_finished[:, None], s.finished_scores, alive_scores)
+  seqs = jnp.where((scores > -jnp.inf)[:, :, None], seqs, 0)
   return seqs, scores

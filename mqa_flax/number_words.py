@@ -27,10 +27,10 @@ _DE_TENS = 'x x zwanzig dreißig vierzig fünfzig sechzig siebzig achtzig neunzi
 # (English, German, smallest number): two-number templates use {a} and {b}.
 # Noun templates start at 2 to avoid singular agreement ("einen Apfel").
 TEMPLATES = (
-    ('the number is {a} .', 'die Zahl ist {a} .', 0),
-    ('i have {a} apples and {b} pears .', 'ich habe {a} Äpfel und {b} Birnen .', 2),
-    ('we need {a} books .', 'wir brauchen {a} Bücher .', 2),
-    ('there are {a} cats in the house .', 'es sind {a} Katzen im Haus .', 2),
+    ('The number is {a}.', 'Die Zahl ist {a}.', 0),
+    ('I have {a} apples and {b} pears.', 'Ich habe {a} Äpfel und {b} Birnen.', 2),
+    ('We need {a} books.', 'Wir brauchen {a} Bücher.', 2),
+    ('There are {a} cats in the house.', 'Im Haus sind {a} Katzen.', 2),
 )
 MAX_NUMBER = 999_999
 _SPLIT_BUCKETS = {'dev': (0,), 'test': (1,), 'train': tuple(range(2, 10))}

@@ -21,15 +21,6 @@ from ml_collections import config_flags
 from mqa_flax.config import ModelConfig
 from mqa_flax.model import Transformer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
-                                          lock_config=True)
-_BATCH = flags.DEFINE_integer('batch', 1024, 'Sentences decoded at once.')
-_SRC_LEN = flags.DEFINE_integer('src_len', 128, 'Source length (tokens).')
-_TGT_LEN = flags.DEFINE_integer('tgt_len', 128, 'Target length (tokens).')
-_BEAM = flags.DEFINE_integer('beam_size', 1, 'Beams per sentence.')
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-
-
 def param_groups(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts by part: embeddings, encoder, decoder sub-layers."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -121,15 +112,21 @@ def format_table(stats: dict[str, float]) -> str:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  if config is None:
+  f = flags.FLAGS
+  if f.config is None:
     sys.exit('error: --config is required, e.g. --config=configs/paper.py:mqa')
-  cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
-  stats = analyze(cfg, _BATCH.value, _SRC_LEN.value, _TGT_LEN.value,
-                  _BEAM.value)
-  stats = {'variant': config.variant, **stats}
-  print(json.dumps(stats, indent=1) if _JSON.value else format_table(stats))
+  cfg = ModelConfig.from_config(f.config.model, f.config.data.vocab_size)
+  stats = analyze(cfg, f.batch, f.src_len, f.tgt_len, f.beam_size)
+  stats = {'variant': f.config.variant, **stats}
+  print(json.dumps(stats, indent=1) if f.json else format_table(stats))
 
 
 if __name__ == '__main__':
+  # Flags are defined here so that importing this module defines none.
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_integer('batch', 1024, 'Sentences decoded at once.')
+  flags.DEFINE_integer('src_len', 128, 'Source length (tokens).')
+  flags.DEFINE_integer('tgt_len', 128, 'Target length (tokens).')
+  flags.DEFINE_integer('beam_size', 1, 'Beams per sentence.')
+  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   app.run(main)

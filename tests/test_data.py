@@ -19,19 +19,19 @@ _REAL_DATA = '/work/shared/data'
 
 def _cfg(**overrides):
   cfg = base_config.get_config().data
-  cfg.update(dict(source='numbers', vocab_size=64, numbers_train_size=300, numbers_eval_size=20,
-                  numbers_max=999, max_len=32, max_eval_len=32))
+  cfg.update(dict(source='numbers', vocab_size=64, numbers_train_size=300,
+                  numbers_eval_size=20, numbers_max=999, max_len=32, max_eval_len=32))
   cfg.update(overrides)
   return cfg
 
 
 def _examples(n: int, max_len: int, seed: int = 0) -> data.Examples:
-  """Random pairs of 1..max_len tokens ending in EOS, all distinct."""
+  """Random pairs of up to max_len tokens ending in EOS; source i starts with 1000+i."""
   rng = np.random.default_rng(seed)
-  seqs = [[list(rng.integers(3, 50, rng.integers(0, max_len))) + [1] for _ in range(2)] for _ in range(n)]
-  for i, (src, _) in enumerate(seqs):
-    src[0] = 1000 + i if len(src) > 1 else src[0]
-  return data.Examples.from_lists([s for s, _ in seqs], [t for _, t in seqs])
+  lengths = rng.integers(0, max_len - 1, (n, 2))
+  src = [[1000 + i, *rng.integers(3, 50, k), 1] for i, k in enumerate(lengths[:, 0])]
+  tgt = [[*rng.integers(3, 50, k), 1] for k in lengths[:, 1]]
+  return data.Examples.from_lists(src, tgt)
 
 
 def _pairs(batch: dict[str, np.ndarray]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -40,9 +40,10 @@ def _pairs(batch: dict[str, np.ndarray]) -> list[tuple[tuple[int, ...], tuple[in
   for row in range(batch['inputs'].shape[0]):
     sides = []
     for side in ('inputs', 'targets'):
-      tokens, seg, pos = (batch[k][row] for k in (side, f'{side}_segmentation', f'{side}_position'))
+      tokens, seg, pos = (batch[side + suffix][row]
+                          for suffix in ('', '_segmentation', '_position'))
       used = seg > 0
-      assert (used == (np.arange(len(used)) < used.sum())).all(), 'padding before a segment'
+      assert (used == (np.arange(len(used)) < used.sum())).all(), 'padding inside a row'
       assert (tokens[~used] == 0).all() and (pos[~used] == 0).all()
       segments = seg[used]
       assert (np.diff(segments) >= 0).all()
@@ -81,16 +82,20 @@ def test_packing_places_every_pair_once_in_order():
   order = list(it.epoch_order(0)) + list(it.epoch_order(1)[:state['cursor']])
   assert got == [_as_pair(examples, i) for i in order]
   epoch0 = got[:len(examples)]
-  assert collections.Counter(epoch0) == collections.Counter(_as_pair(examples, i) for i in range(len(examples)))
+  everything = [_as_pair(examples, i) for i in range(len(examples))]
+  assert collections.Counter(epoch0) == collections.Counter(everything)
 
 
 def test_packing_is_greedy():
-  examples = data.Examples.from_lists([[5, 1], [6, 6, 1], [7, 1]], [[8, 1], [9, 1], [9, 9, 9, 1]])
-  its = (data.PackedBatches(examples, batch_size=2, max_len=5, seed=s) for s in range(100))
+  examples = data.Examples.from_lists([[5, 1], [6, 6, 1], [7, 1]],
+                                      [[8, 1], [9, 1], [9, 9, 9, 1]])
+  its = (data.PackedBatches(examples, batch_size=2, max_len=5, seed=s) for s in range(99))
   batch = next(next(it for it in its if list(it.epoch_order(0)) == [0, 1, 2]))
   np.testing.assert_array_equal(batch['inputs'], [[5, 1, 6, 6, 1], [7, 1, 0, 0, 0]])
-  np.testing.assert_array_equal(batch['targets_segmentation'], [[1, 1, 2, 2, 0], [1, 1, 1, 1, 0]])
-  np.testing.assert_array_equal(batch['inputs_position'], [[0, 1, 0, 1, 2], [0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(batch['targets_segmentation'],
+                                [[1, 1, 2, 2, 0], [1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(batch['inputs_position'],
+                                [[0, 1, 0, 1, 2], [0, 1, 0, 0, 0]])
 
 
 def test_resume_gives_the_same_batches_across_epochs():
@@ -110,11 +115,12 @@ def test_resume_gives_the_same_batches_across_epochs():
 
 def test_processes_share_each_epoch():
   examples = _examples(41, 8)
-  its = [data.PackedBatches(examples, 8, 16, seed=3, process_index=p, process_count=2) for p in range(2)]
+  its = [data.PackedBatches(examples, 8, 16, seed=3, process_index=p, process_count=2)
+         for p in range(2)]
   for epoch in (0, 1):
-    shares = [set(it.epoch_order(epoch)) for it in its]
-    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(len(examples)))
-  for p, it in enumerate(its):
+    first, second = (set(it.epoch_order(epoch)) for it in its)
+    assert not first & second and first | second == set(range(len(examples)))
+  for it in its:
     batch = next(it)
     assert batch['inputs'].shape == (4, 16)
     got = _pairs(batch)
@@ -162,7 +168,8 @@ def test_eval_batches_cover_every_example_in_order():
     assert b['inputs'].shape[1] % 8 == 0 and b['targets'].shape[1] % 8 == 0
     assert not b['inputs'][b['num_real']:].any()
     for r in range(b['num_real']):
-      rows.append((tuple(t for t in b['inputs'][r] if t), tuple(t for t in b['targets'][r] if t)))
+      rows.append((tuple(b['inputs'][r][b['inputs'][r] > 0]),
+                   tuple(b['targets'][r][b['targets'][r] > 0])))
   assert rows == [_as_pair(examples, i) for i in range(len(examples))]
 
 
@@ -178,7 +185,7 @@ def _write(path, lines, compress=False):
 def test_text_source_reads_gz_and_plain_and_globs(tmp_path):
   _write(tmp_path / 'a/train.en.gz', ['one', 'two', '  ', 'three'], compress=True)
   _write(tmp_path / 'a/train.de', ['eins', 'zwei', 'drei', ''])
-  _write(tmp_path / 'b/news2.en', ['Größe\u2028x'])  # A line separator is not a newline.
+  _write(tmp_path / 'b/news2.en', ['Größe\u2028x'])  # U+2028 is not a newline.
   _write(tmp_path / 'b/news2.de.gz', ['Straße'], compress=True)
   _write(tmp_path / 'b/news1.en', ['a'])
   _write(tmp_path / 'b/news1.de', ['b'])
@@ -251,7 +258,8 @@ def test_tfds_source_not_prepared(monkeypatch):
     raise AssertionError('Failed to construct dataset: no network\nmore detail')
 
   monkeypatch.setattr(tfds, 'data_source', fail)
-  with pytest.raises(RuntimeError, match=r"not prepared .* could not be downloaded .*data.source='text'") as e:
+  message = r"not prepared .* could not be downloaded .*data.source='text'"
+  with pytest.raises(RuntimeError, match=message) as e:
     data.read_split(_cfg(source='tfds'), 'train')
   assert '\n' not in str(e.value)
 
@@ -265,8 +273,10 @@ def test_tokenizer_and_cache(tmp_path, monkeypatch):
   assert tokenizer.vocab_size == 64 and os.path.exists(tmp_path / 'spm.model')
   reads = []
   real_read_split = data.read_split
-  monkeypatch.setattr(data, 'read_split', lambda *a: reads.append(a[1]) or real_read_split(*a))
-  assert data.get_tokenizer(cfg, workdir, is_primary=False).fingerprint == tokenizer.fingerprint
+  monkeypatch.setattr(data, 'read_split',
+                      lambda *a: reads.append(a[1]) or real_read_split(*a))
+  reloaded = data.get_tokenizer(cfg, workdir, is_primary=False)
+  assert reloaded.fingerprint == tokenizer.fingerprint
   assert not reads, 'the vocabulary should be reused'
 
   dev = data.tokenize_split(cfg, 'dev', tokenizer, workdir)
@@ -278,7 +288,7 @@ def test_tokenizer_and_cache(tmp_path, monkeypatch):
   assert reads == ['dev'], 'the second call should read the cache'
   np.testing.assert_array_equal(again.tgt_tokens, dev.tgt_tokens)
 
-  other = tokenizer_lib.train_tokenizer(src + tgt, 48, str(tmp_path / 'other.model'), 1000)
+  other = tokenizer_lib.train_tokenizer(src + tgt, 48, str(tmp_path / 'o.model'), 1000)
   data.tokenize_split(cfg, 'dev', other, workdir)
   assert reads == ['dev', 'dev'], 'a new vocabulary should invalidate the cache'
   data.tokenize_split(_cfg(numbers_eval_size=10), 'dev', other, workdir)

@@ -64,7 +64,8 @@ def init_cache(ctx: jax.Array, rows_per_sentence: int, max_len: int):
   )
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "stop_at_eos", "record"))
+@functools.partial(jax.jit,
+                   static_argnames=("max_len", "stop_at_eos", "record"))
 def _greedy(params, ctx, max_lens, *, max_len, stop_at_eos, record):
   model = functools.partial(toy_model, params, record=record)
   return decoding.greedy_search(model, init_cache(ctx, 1, max_len),
@@ -155,8 +156,8 @@ def brute_force(params, ctx, max_len, alpha, max_lens):
 
 def test_expand_to_beams():
   x = jnp.arange(6).reshape(3, 2)
-  np.testing.assert_array_equal(decoding.expand_to_beams(x, 2),
-                                [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5]])
+  expected = [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5]]
+  np.testing.assert_array_equal(decoding.expand_to_beams(x, 2), expected)
 
 
 def test_greedy_matches_stepwise_argmax():
@@ -273,7 +274,7 @@ def test_lengths_respect_max_lens(search):
   else:
     seqs, scores = beam(params, ctx, 4, max_len, max_lens=jnp.asarray(max_lens))
     found = np.isfinite(scores)  # -inf marks an empty slot.
-    assert found[:, 0].all()
+    assert found[:, 0].all() and not seqs[~found].any()
   check_eos_padding(seqs)
   for b, k in zip(*np.nonzero(found)):
     n = length_of(seqs[b, k])

@@ -55,13 +55,14 @@ def test_make_split_is_deterministic_and_parallel():
   assert a != number_words.make_split('train', 200, 9999, seed=4)
   en, de = a
   assert len(en) == len(de) == 200
-  assert all(e.endswith(' .') and d.endswith(' .') for e, d in zip(en, de))
+  assert all(e.endswith('.') and d.endswith('.') for e, d in zip(en, de))
   assert ' one apples' not in ' '.join(en)  # Noun templates avoid the singular.
 
 
 @pytest.mark.parametrize('max_number', [99, 999_999])
 def test_split_numbers_are_disjoint(max_number):
-  train, dev, test = (set(number_words.split_numbers(s, max_number)) for s in ('train', 'dev', 'test'))
+  train, dev, test = (set(number_words.split_numbers(split, max_number))
+                      for split in ('train', 'dev', 'test'))
   assert not train & dev and not train & test and not dev & test
   assert train | dev | test == set(range(max_number + 1))
 

@@ -1,0 +1,146 @@
+"""Training tests: exact resume, SIGTERM, NaN guard, data parallelism, learning."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import demo
+from mqa_flax import train_lib
+from mqa_flax.checkpoint import Checkpointer
+from mqa_flax.config import ModelConfig
+from mqa_flax.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = demo.get_config('mqa,tiny')
+  c.unlock()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def losses(workdir):
+  return {r['step']: r['train/loss'] for r in read_jsonl(f'{workdir}/metrics.jsonl')
+          if 'train/loss' in r}
+
+
+def test_resume_is_exact(tmp_path):
+  kw = {'num_train_steps': 8, 'log_every': 2, 'eval_every': 4, 'checkpoint_every': 2,
+        'model.dropout_rate': 0.1}
+  straight = train_lib.train_and_evaluate(tiny_config(**kw), str(tmp_path / 'a'))
+  train_lib.train_and_evaluate(tiny_config(**(kw | {'num_train_steps': 4})),
+                               str(tmp_path / 'b'))
+  resumed = train_lib.train_and_evaluate(tiny_config(**kw), str(tmp_path / 'b'))
+  assert int(resumed.step) == 8
+  jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+  assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
+  assert Checkpointer(str(tmp_path / 'b'), 3).latest_step() == 8
+
+
+def test_other_architecture_in_workdir_is_refused(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  before = (tmp_path / 'config.json').read_text()
+  with pytest.raises(ValueError, match='model.num_kv_heads: 1 != 4'):
+    train_lib.train_and_evaluate(
+        tiny_config(num_train_steps=4, **{'model.num_kv_heads': 4}), str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == before
+  assert Checkpointer(str(tmp_path), 3).latest_step() == 2
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+  good = tiny_config(num_train_steps=2, checkpoint_every=1)
+  train_lib.train_and_evaluate(good, str(tmp_path))
+  bad = tiny_config(num_train_steps=6, checkpoint_every=1,
+                    **{'opt.learning_rate': float('nan')})
+  with pytest.raises(FloatingPointError, match='at step [34]'):
+    train_lib.train_and_evaluate(bad, str(tmp_path))
+  assert Checkpointer(str(tmp_path), 3).latest_step() == 2
+
+
+def test_data_parallel_step_equals_single_device():
+  config = tiny_config()
+  cfg = ModelConfig.from_config(config.model, 64)
+  tx = train_lib.make_optimizer(config.opt, 10)
+  rng = np.random.default_rng(0)
+  batch = {'inputs': rng.integers(1, 64, (8, 16)), 'targets': rng.integers(1, 64, (8, 12))}
+  batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = Mesh(np.array(devices), ('data',))
+    graphdef, state = train_lib.create_state(cfg, tx, 0, mesh)
+    step = jax.jit(functools.partial(
+        train_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=0.1,
+        rng=jax.random.key(0)))
+    sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
+    state, metrics = step(state, sharded)
+    assert len(state.params['embed'].get_value().sharding.device_set) == len(devices)
+    results.append((state.params, metrics))
+  (p1, m1), (p8, m8) = results
+  np.testing.assert_allclose(m1['loss_sum'], m8['loss_sum'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p8)
+
+
+def test_demo_config_learns_within_a_minute(tmp_path):
+  config = demo.get_config('mqa')
+  config.num_train_steps, config.log_every, config.eval_every = 100, 10, 100
+  config.checkpoint_every = 100
+  start = time.time()
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert time.time() - start < 90
+  loss = losses(tmp_path)
+  assert loss[100] < 0.35 * loss[10], loss
+
+
+def _train_cmd(workdir, *flags):
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          '--config=' + os.path.join(ROOT, 'configs/demo.py') + ':mqa,tiny',
+          f'--workdir={workdir}', *flags]
+
+
+def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=ROOT)
+  proc = subprocess.Popen(
+      _train_cmd(tmp_path, '--config.num_train_steps=100000',
+                 '--config.checkpoint_every=100000', '--config.eval_every=100000'),
+      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  while not (tmp_path / 'metrics.jsonl').exists():
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'rerun the same command to resume' in out
+  step = Checkpointer(str(tmp_path), 3).latest_step()
+  assert step is not None and step >= 10
+  out = subprocess.run(_train_cmd(tmp_path, f'--config.num_train_steps={step + 2}'),
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert f'resumed from step {step}' in out.stderr
+  assert Checkpointer(str(tmp_path), 3).latest_step() == step + 2
+
+
+def test_misspelt_config_key_is_an_error(tmp_path):
+  out = subprocess.run(_train_cmd(tmp_path, '--config.model.num_kv_head=2'),
+                       env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert 'num_kv_head' in out.stderr
+  assert not (tmp_path / 'config.json').exists()
