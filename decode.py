@@ -11,27 +11,17 @@ its vocabulary and config.json. benchmark times random weights for each of
 empty.
 """
 
-import datetime
 import importlib.util
-import json
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-import ml_collections
 from ml_collections import config_flags
 
-from mqa_flax import bleu as bleu_lib
-from mqa_flax import checkpoint as ckpt_lib
-from mqa_flax import data
-from mqa_flax import inference
-from mqa_flax import metrics as metrics_lib
-from mqa_flax import train_lib
+from mqa_flax import runs
 from mqa_flax.config import ModelConfig
-from mqa_flax.tokenizer import Tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (benchmark); default: the workdir\'s config.json.',
@@ -60,83 +50,26 @@ _B_KINDS = flags.DEFINE_list('bench_kinds', ['encoder', 'greedy', 'beam4', 'trai
                              'benchmark: what to time.')
 
 
-def load_run(workdir: str, step: int | None):
-  """Config, tokenizer, graphdef, params and step of a trained workdir."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir} holds no config.json: is it a trained workdir?')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if _CONFIG.value is not None:
-    ckpt_lib.check_same_architecture(workdir, _CONFIG.value.to_dict())
-  spm = os.path.join(workdir, 'spm.model')
-  if not os.path.exists(spm):
-    raise FileNotFoundError(f'{workdir} holds no vocabulary (spm.model)')
-  tokenizer = Tokenizer(spm)
-  cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
-  ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint: train first')
-  tx = train_lib.make_optimizer(config.opt, config.num_train_steps)
-  graphdef, abstract = train_lib.abstract_state(cfg, tx, config.seed)
-  state = ckpt.restore_state(abstract, step)
-  ckpt.close()
-  logging.info('restored %s step %d', workdir, step)
-  return config, tokenizer, graphdef, state.params, step
-
-
-def _translate(config, tokenizer, graphdef, params, sentences, beam_size):
-  dc = config.decode
-  return inference.translate(
-      graphdef, params, tokenizer, sentences,
-      batch_size=_BATCH.value or config.data.eval_batch_size, beam_size=beam_size,
-      alpha=dc.alpha if _ALPHA.value is None else _ALPHA.value,
-      max_len_a=dc.max_len_a, max_len_b=dc.max_len_b,
-      max_src_len=config.data.max_eval_len, overlong=dc.overlong, progress=True)
-
-
 def run_bleu(workdir: str) -> dict:
-  """Decodes a split, scores it with sacreBLEU and records it in bleu.json."""
-  config, tokenizer, graphdef, params, step = load_run(workdir, _STEP.value)
-  beam = config.decode.beam_size if _BEAM.value is None else _BEAM.value
-  split = {'dev': config.data.dev_split, 'test': config.data.test_split}.get(
-      _SPLIT.value, _SPLIT.value)
-  sources, references = data.read_split(config.data, split)
-  hyps = _translate(config, tokenizer, graphdef, params, sources, beam)
-  scores = bleu_lib.bleu_scores(hyps, references)
-  name = _NAME.value or _SPLIT.value.replace('/', '_')
+  """Decodes --split, scores it with sacreBLEU and records it in bleu.json."""
+  run = runs.restore(workdir, _STEP.value, _CONFIG.value)
+  beam = run.config.decode.beam_size if _BEAM.value is None else _BEAM.value
+  entry = runs.score_split(run, _SPLIT.value, beam, _NAME.value, _ALPHA.value,
+                                _BATCH.value, progress=True)
   search = 'greedy' if beam == 1 else f'beam{beam}'
-  os.makedirs(os.path.join(workdir, 'hyps'), exist_ok=True)
-  with open(os.path.join(workdir, 'hyps', f'{name}.{search}.txt'), 'w') as f:
-    f.writelines(h + '\n' for h in hyps)
-  entry = {'bleu_13a': scores['bleu_13a'], 'bleu_intl': scores['bleu_intl'],
-           'bleu_13a_lc': scores['bleu_13a_lc'],
-           'signature_13a': scores['bleu_13a_signature'],
-           'signature_intl': scores['bleu_intl_signature'],
-           'num_sentences': scores['num_sentences'], 'checkpoint_step': step,
-           'split': split, 'beam_size': beam,
-           'date': datetime.datetime.now(datetime.timezone.utc).isoformat()}
-  path = os.path.join(workdir, 'bleu.json')
-  table = json.load(open(path)) if os.path.exists(path) else {}
-  table[f'{name}/{search}'] = entry
-  with open(path, 'w') as f:
-    json.dump(table, f, indent=1)
-  writer = metrics_lib.MetricWriter(workdir)
-  writer.write_scalars(step, {f'decode/{name}_{search}_bleu': entry['bleu_13a']})
-  writer.close()
-  print(f"{name} {search}: BLEU {entry['bleu_13a']:.2f} ({entry['signature_13a']}), "
-        f"intl {entry['bleu_intl']:.2f}, lowercased {entry['bleu_13a_lc']:.2f}")
+  print(f"{_NAME.value or _SPLIT.value} {search}: BLEU {entry['bleu_13a']:.2f} "
+        f"({entry['signature_13a']}), intl {entry['bleu_intl']:.2f}, "
+        f"lowercased {entry['bleu_13a_lc']:.2f}")
   return entry
 
 
 def run_translate(workdir: str) -> None:
   """Translates lines of --input into --output; empty lines stay empty."""
-  config, tokenizer, graphdef, params, _ = load_run(workdir, _STEP.value)
+  run = runs.restore(workdir, _STEP.value, _CONFIG.value)
   src = sys.stdin if _INPUT.value == '-' else open(_INPUT.value, encoding='utf-8')
   lines = [line.rstrip('\n') for line in src]
-  beam = config.decode.beam_size if _BEAM.value is None else _BEAM.value
-  hyps = _translate(config, tokenizer, graphdef, params, lines, beam)
+  hyps = runs.translate_run(run, lines, _BEAM.value, _ALPHA.value, _BATCH.value,
+                                 progress=_OUTPUT.value != '-')
   out = sys.stdout if _OUTPUT.value == '-' else open(_OUTPUT.value, 'w', encoding='utf-8')
   out.writelines(h + '\n' for h in hyps)
   out.flush()
@@ -173,9 +106,9 @@ def run_benchmark() -> str:
       raise app.UsageError('--variants needs --config (e.g. configs/paper.py:mha)')
     variants = _variant_configs()
   elif _WORKDIR.value:
-    config, tokenizer, _, params, _ = load_run(_WORKDIR.value, _STEP.value)
-    variants = {config.variant: ModelConfig.from_config(config.model, tokenizer.vocab_size)}
-    states = {config.variant: params}
+    run = runs.restore(_WORKDIR.value, _STEP.value, _CONFIG.value)
+    cfg = ModelConfig.from_config(run.config.model, run.tokenizer.vocab_size)
+    variants, states = {run.config.variant: cfg}, {run.config.variant: run.params}
   else:
     raise app.UsageError('benchmark needs --variants (with --config) or --workdir')
   train_rows, train_len = (int(x) for x in _B_TRAIN.value)

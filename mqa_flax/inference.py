@@ -94,3 +94,4 @@ def translate(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer,
       out[nonempty[i]] = tokenizer.decode(tokens[row])
   logging.info('translated %d sentences in %.1fs', len(ids), time.time() - start_time)
   return out
+

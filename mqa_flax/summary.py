@@ -99,9 +99,9 @@ def format_table(stats: dict[str, float]) -> str:
   lines = []
   for key, v in stats.items():
     if key.startswith('params'):
-      text = f'{v / 1e6:,.2f} M'
+      text = f'{v / 1e6:,.3f} M'
     elif 'bytes' in key:
-      text = f'{v / 2**20:,.3f} MiB'
+      text = f'{v / 2**20:,.3f} MiB' if v >= 2**20 else f'{v / 2**10:,.1f} KiB'
     elif 'flops' in key:
       text = f'{v / 1e6:,.1f} MFLOP'
     else:

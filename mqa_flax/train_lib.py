@@ -109,7 +109,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, dict(aux, loss_sum=loss_sum, grad_norm=optax.global_norm(grads))
+  return new, dict(aux, loss_sum=loss_sum, grad_norm=jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))))
 
 
 def eval_step(params: nnx.State, batch: dict[str, jax.Array], *,
