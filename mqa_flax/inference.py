@@ -48,7 +48,8 @@ def search(graphdef: nnx.GraphDef, state: nnx.State, inputs_BS: jax.Array, *,
 
 
 def encode_sources(tokenizer: Tokenizer, sentences: Sequence[str], max_len: int,
-                   overlong: str) -> tuple[list[list[int]], int]:
+                   overlong: str, line_numbers: Sequence[int] | None = None
+                   ) -> tuple[list[list[int]], int]:
   """Token ids (with EOS) per sentence, truncated to max_len; also the count cut."""
   if overlong not in ('truncate', 'error'):
     raise ValueError(f"decode.overlong={overlong!r}; expected 'truncate' or 'error'")
@@ -57,7 +58,8 @@ def encode_sources(tokenizer: Tokenizer, sentences: Sequence[str], max_len: int,
     x = tokenizer.encode(s) + [tokenizer.eos_id]
     if len(x) > max_len:
       if overlong == 'error':
-        raise ValueError(f'input line {i + 1} has {len(x)} tokens, more than '
+        line = i + 1 if line_numbers is None else line_numbers[i]
+        raise ValueError(f'input line {line} has {len(x)} tokens, more than '
                          f'max_eval_len={max_len} (or set decode.overlong=truncate)')
       x, cut = x[:max_len - 1] + [tokenizer.eos_id], cut + 1
     ids.append(x)
@@ -70,9 +72,13 @@ def translate(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer,
               max_src_len: int, overlong: str = 'truncate',
               progress: bool = False) -> list[str]:
   """Translates sentences in batches of similar length; empty lines stay empty."""
+  if max_len_a < 0 or max_len_b < 1:
+    raise ValueError(
+        f'decode.max_len_a={max_len_a}, decode.max_len_b={max_len_b}: the output '
+        'must allow at least one token (EOS), so max_len_a >= 0 and max_len_b >= 1')
   nonempty = [i for i, s in enumerate(sentences) if s.strip()]
   ids, cut = encode_sources(tokenizer, [sentences[i] for i in nonempty],
-                            max_src_len, overlong)
+                            max_src_len, overlong, [i + 1 for i in nonempty])
   if cut:
     logging.warning('%d of %d inputs were longer than %d tokens and truncated',
                     cut, len(ids), max_src_len)

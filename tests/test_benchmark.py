@@ -1,0 +1,168 @@
+"""The Table 2 benchmark on tiny configs: row fields, floors, outputs, meaning."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mqa_flax import benchmark
+from mqa_flax import decoding
+from mqa_flax import metrics
+from mqa_flax.config import ModelConfig
+
+B, S, T = 4, 6, 8  # S != T keeps cross and self K/V shapes apart.
+TRAIN_B, TRAIN_LEN = 4, 8
+REQUIRED = ('variant', 'kind', 'cache', 'batch', 'src_len', 'tgt_len',
+            'us_per_token', 'compile_s', 'bytes_per_step', 'achieved_gbps',
+            'floor_us_per_token', 'fraction_of_floor', 'device', 'date', 'dtype',
+            'flops_per_token', 'compute_floor_us_per_token',
+            'fraction_of_compute_floor', 'device_gbps', 'device_tflops',
+            'platform', 'jax_version', 'median_s', 'reps', 'command',
+            'git_commit')
+DECODERS = (('greedy', 'padded'), ('greedy', 'growing'), ('beam4', 'padded'))
+
+
+def tiny(num_kv_heads: int) -> ModelConfig:
+  return ModelConfig(vocab_size=64, num_encoder_layers=2, num_decoder_layers=2,
+                     d_model=32, d_ff=64, num_heads=4, num_kv_heads=num_kv_heads,
+                     head_dim=8, max_len=32, dropout_rate=0.0)
+
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('bench'))
+  rows = benchmark.run({'mha': tiny(4), 'mqa': tiny(1)}, batch=B, src_len=S,
+                       tgt_len=T, beam_batch=B, train_batch=TRAIN_B,
+                       train_len=TRAIN_LEN, reps=2, chunk=4)
+  markdown = benchmark.write_outputs(rows, out, 'pytest tests/test_benchmark.py')
+  print(markdown)
+  return out, metrics.read_jsonl(os.path.join(out, 'benchmark.jsonl')), markdown
+
+
+def by_key(rows):
+  return {(r['variant'], r['kind'], r['cache']): r for r in rows}
+
+
+def test_every_row_has_every_field_with_sane_values(bench):
+  _, rows, _ = bench
+  assert sorted(by_key(rows)) == sorted(
+      (v, k, c) for v in ('mha', 'mqa') for k, c in
+      DECODERS + (('encoder', None), ('train', None)))
+  for r in rows:
+    missing = [f for f in REQUIRED if f not in r]
+    assert not missing, (r['kind'], missing)
+    for f in ('us_per_token', 'compile_s', 'median_s', 'flops_per_token',
+              'compute_floor_us_per_token', 'fraction_of_compute_floor',
+              'device_gbps', 'device_tflops'):
+      assert 0 < r[f] < math.inf, (r['kind'], f, r[f])
+    per = r['src_len'] if r['kind'] == 'encoder' else r['tgt_len']
+    tokens = r['batch'] * per  # Sentences x source, output or train tokens.
+    assert r['us_per_token'] == pytest.approx(r['median_s'] / tokens * 1e6)
+    memory = ('bytes_per_step', 'achieved_gbps', 'floor_us_per_token',
+              'fraction_of_floor')
+    if r['kind'] in ('encoder', 'train'):  # Traffic not modelled.
+      assert all(r[f] is None for f in memory)
+      continue
+    for f in memory + ('kv_cache_bytes',):
+      assert 0 < r[f] < math.inf, (r['kind'], f, r[f])
+    floor = r['bytes_per_step'] / r['batch'] / (r['device_gbps'] * 1e3)
+    assert r['floor_us_per_token'] == pytest.approx(floor)
+    assert r['fraction_of_floor'] == pytest.approx(
+        r['floor_us_per_token'] / r['us_per_token'])
+  assert by_key(rows)[('mqa', 'beam4', 'padded')]['beam_size'] == 4
+
+
+def test_mqa_moves_fewer_bytes_than_mha(bench):
+  rows = by_key(bench[1])
+  for kind, cache in DECODERS:
+    mha, mqa = rows[('mha', kind, cache)], rows[('mqa', kind, cache)]
+    assert mqa['bytes_per_step'] < mha['bytes_per_step'], (kind, cache)
+    assert mqa['kv_cache_bytes'] < mha['kv_cache_bytes'], (kind, cache)
+  assert (rows[('mha', 'greedy', 'growing')]['bytes_per_step'] <
+          rows[('mha', 'greedy', 'padded')]['bytes_per_step'])
+
+
+def test_outputs(bench):
+  out, rows, markdown = bench
+  assert len(rows) == 10 and all(r['command'].startswith('pytest') for r in rows)
+  with open(os.path.join(out, 'table2.md')) as f:
+    assert f.read() == markdown
+  table = markdown.split('\n\n')[1].splitlines()  # Header, rule, one per variant.
+  assert [line.split(' | ')[0] for line in table[2:]] == ['| mha', '| mqa']
+  assert ' + ' in table[2]  # 'enc + dec' cells.
+  scalars = metrics.read_jsonl(os.path.join(out, metrics.METRICS_FILE))[0]
+  assert scalars['step'] == 0 and len(scalars) == 11
+  assert scalars['benchmark/mqa/greedy_growing_us_per_token'] > 0
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
+
+
+def test_growing_decode_gives_the_same_tokens_as_greedy_search():
+  cfg = tiny(1)  # The read_len path is the same for every K.
+  graphdef, params = nnx.split(benchmark.Transformer(cfg, rngs=nnx.Rngs(1)))
+  inputs = jax.random.randint(jax.random.key(2), (B, S), 1, cfg.vocab_size)
+
+  @jax.jit
+  def decode(params, inputs):
+    model = nnx.merge(graphdef, params)
+    cache = model.init_cache(model.encode(inputs), inputs, T)
+    ref = decoding.greedy_search(model.decode_step, cache, B, T, eos_id=-1,
+                                 stop_at_eos=False)
+    padded, _ = benchmark.greedy_tokens(model, cache, T)
+    growing, final = benchmark.greedy_tokens(model, cache, T, chunk=3)
+    return ref, padded, growing, final['index']
+
+  ref, padded, growing, index = jax.device_get(decode(params, inputs))
+  assert len(np.unique(ref)) > 2  # Not a degenerate constant output.
+  np.testing.assert_array_equal(padded, ref)
+  np.testing.assert_array_equal(growing, ref)
+  assert index == T
+
+
+def _toy_loop(keep_old: bool) -> str:
+  """Compiled HLO of a cache-update loop; keeping the old cache needs a copy."""
+  def f(cache):
+    def body(i, carry):
+      cur, old = carry
+      new = jax.lax.dynamic_update_slice_in_dim(
+          cur, jnp.full((B, 1, 1, 8), i, cur.dtype), i, axis=1)
+      return new, cur if keep_old else old
+    return jax.lax.fori_loop(0, T, body, (cache, jnp.zeros_like(cache)))
+  cache = jnp.zeros((B, T, 1, 8))
+  return jax.jit(f, donate_argnums=0).lower(cache).compile().as_text()
+
+
+def test_loop_copy_detector_sees_a_copy_per_step():
+  shape = [(B, T, 1, 8)]
+  assert benchmark.loop_copy_bytes(_toy_loop(keep_old=True), shape) >= B * T * 8 * 4
+  assert benchmark.loop_copy_bytes(_toy_loop(keep_old=False), shape) == 0
+
+
+def test_mha_decode_loop_updates_cache_in_place(bench):
+  rows = by_key(bench[1])
+  for cache in ('padded', 'growing'):
+    assert rows[('mha', 'greedy', cache)]['loop_copy_bytes_per_step'] == 0
+
+
+@pytest.mark.xfail(jax.default_backend() == 'cpu', strict=True,
+                   reason='XLA:CPU copies K=1 cache leaves in the loop body: it '
+                   'fuses the update with the reshape dropping the unit K axis '
+                   'for the dot, so the update is not in place')
+def test_mqa_decode_loop_updates_cache_in_place(bench):
+  rows = by_key(bench[1])
+  for cache in ('padded', 'growing'):
+    assert rows[('mqa', 'greedy', cache)]['loop_copy_bytes_per_step'] == 0
+
+
+def test_trained_state_is_not_donated_and_bad_kinds_raise():
+  cfg = tiny(1)
+  params = nnx.state(benchmark.Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+  rows = benchmark.run({'mqa': cfg}, states={'mqa': params}, batch=2,
+                       src_len=S, tgt_len=T, kinds=('encoder',), reps=1)
+  assert [r['kind'] for r in rows] == ['encoder']
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  with pytest.raises(ValueError, match='kinds'):
+    benchmark.run({'mqa': cfg}, kinds=('beam',))
