@@ -98,16 +98,30 @@ def german(n: int) -> str:
   return words + (_german_below_1000(rest, final=True) if rest else '')
 
 
+def is_basic(numbers: np.ndarray) -> np.ndarray:
+  """Numbers with a word of their own (0-20, tens, hundreds, thousands), [bool]."""
+  tens = (numbers < 100) & (numbers % 10 == 0)
+  hundreds = (numbers < 1000) & (numbers % 100 == 0)
+  thousands = (numbers < 10_000) & (numbers % 1000 == 0)
+  return (numbers <= 20) | tens | hundreds | thousands
+
+
 def split_numbers(split: str, max_number: int) -> np.ndarray:
-  """Returns the numbers 0..max_number that belong to `split`, ascending."""
+  """Returns the numbers 0..max_number that belong to `split`, ascending.
+
+  The basic numbers (`is_basic`) are the task's vocabulary and belong to
+  train; dev and test hold composite numbers never seen in training.
+  """
   if split not in _SPLIT_BUCKETS:
     raise ValueError(f'unknown split {split!r}; expected one of {sorted(_SPLIT_BUCKETS)}')
   _check_range(max_number)
   numbers = np.arange(max_number + 1, dtype=np.uint64)
   # A fixed multiplicative hash, so the partition does not depend on the seed.
   bucket = ((numbers * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) % np.uint64(10)
-  mine = numbers[np.isin(bucket, _SPLIT_BUCKETS[split])].astype(np.int64)
-  return mine if mine.size else numbers.astype(np.int64)
+  mine = np.isin(bucket, _SPLIT_BUCKETS[split])
+  basic = is_basic(numbers.astype(np.int64))
+  mine = (mine | basic) if split == 'train' else (mine & ~basic)
+  return numbers[mine].astype(np.int64) if mine.any() else numbers.astype(np.int64)
 
 
 def _sampler(pool: np.ndarray, rng: np.random.Generator):

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from mqa_flax import number_words
@@ -82,3 +83,13 @@ def test_sentences_use_only_their_split_numbers():
     allowed = set(number_words.split_numbers(split, 999))
     for sentence in number_words.make_split(split, 100, 999, seed=0)[0]:
       assert set(_numbers_in(sentence, by_words)) <= allowed
+
+
+def test_basic_numbers_are_trained_and_never_tested():
+  train = set(number_words.split_numbers('train', 99_999))
+  held_out = set(number_words.split_numbers('dev', 99_999)) | set(
+      number_words.split_numbers('test', 99_999))
+  basic = {n for n in range(100_000) if number_words.is_basic(np.array([n]))[0]}
+  assert {0, 5, 13, 20, 30, 90, 100, 700, 1000, 9000} <= basic
+  assert basic <= train and not basic & held_out
+  assert 21 not in basic and 101 not in basic and 10_000 not in basic
