@@ -109,7 +109,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, dict(aux, loss_sum=loss_sum, grad_norm=jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))))
+  grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+  return new, dict(aux, loss_sum=loss_sum, grad_norm=grad_norm)
 
 
 def eval_step(params: nnx.State, batch: dict[str, jax.Array], *,
