@@ -20,7 +20,7 @@ _REAL_DATA = '/work/shared/data'
 def _cfg(**overrides):
   cfg = base_config.get_config().data
   cfg.update(dict(source='numbers', vocab_size=64, numbers_train_size=300,
-                  numbers_eval_size=20, numbers_max=999, max_len=32, max_eval_len=32))
+                  numbers_eval_size=20, numbers_max=999, max_len=32, max_eval_len=128))
   cfg.update(overrides)
   return cfg
 

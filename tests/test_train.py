@@ -99,13 +99,13 @@ def test_data_parallel_step_equals_single_device():
 
 def test_demo_config_learns_within_a_minute(tmp_path):
   config = demo.get_config('mqa')
-  config.num_train_steps, config.log_every, config.eval_every = 100, 10, 100
-  config.checkpoint_every = 100
+  config.num_train_steps, config.log_every, config.eval_every = 60, 10, 60
+  config.checkpoint_every = 60
   start = time.time()
   train_lib.train_and_evaluate(config, str(tmp_path))
-  assert time.time() - start < 90
+  assert time.time() - start < 120  # About 40 s alone on 2 cores; CI shares them.
   loss = losses(tmp_path)
-  assert loss[100] < 0.35 * loss[10], loss
+  assert loss[60] < 1.0 and loss[60] < 0.3 * loss[10], loss
 
 
 def _train_cmd(workdir, *flags):
