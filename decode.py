@@ -78,7 +78,7 @@ def run_translate(workdir: str) -> None:
 def _variant_configs() -> dict[str, ModelConfig]:
   """ModelConfigs for --variants of --config's file, with its overrides."""
   flag = flags.FLAGS['config']
-  path = config_flags.get_config_filename(flag)
+  path = config_flags.get_config_filename(flag).partition(':')[0]
   spec = importlib.util.spec_from_file_location('_bench_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+import orbax.checkpoint as ocp
 
 from configs import demo
 from mqa_flax import convert
@@ -21,15 +22,9 @@ from mqa_flax.config import ModelConfig
 from mqa_flax.model import Transformer
 
 
-def tiny(k: int = 4, scope: str = 'all') -> ModelConfig:
-  return ModelConfig(vocab_size=32, num_encoder_layers=2, num_decoder_layers=2,
-                     d_model=32, d_ff=48, num_heads=4, num_kv_heads=k, head_dim=8,
-                     kv_heads_scope=scope, max_len=32, dropout_rate=0.0)
-
-
 @pytest.fixture(scope='module')
-def source(tmp_path_factory) -> tuple[str, nnx.State]:
-  """A multi-head demo workdir at step 7 and its (random) parameters."""
+def source(tmp_path_factory) -> tuple[str, ModelConfig, nnx.State]:
+  """A multi-head demo workdir at step 7, its model and (random) parameters."""
   workdir = str(tmp_path_factory.mktemp('mha'))
   config = demo.get_config('mha,tiny')
   tokenizer = data.get_tokenizer(config.data, workdir)
@@ -43,16 +38,18 @@ def source(tmp_path_factory) -> tuple[str, nnx.State]:
   ckpt.save(7, train_lib.TrainState(jnp.array(7, jnp.int32), params, tx.init(params)),
             {'epoch': 1, 'cursor': 5})
   ckpt.close()
-  return workdir, params
+  return workdir, cfg, params
 
 
 @pytest.mark.parametrize('k,scope', [(1, 'all'), (2, 'decoder')])
-def test_pooling_tied_heads_keeps_logits(k, scope):
-  graphdef, params = nnx.split(Transformer(tiny(4, scope), rngs=nnx.Rngs(0)))
-  pooled = convert.pool_kv(params, 4, k, scope)
+def test_pooling_tied_heads_keeps_logits(source, k, scope):
+  _, cfg, params = source
+  n, d, h = cfg.num_heads, cfg.d_model, cfg.head_dim
+  pooled = convert.pool_kv(params, n, k, scope)
   # General weights: each kv head is its group's mean; the rest is copied.
-  dec_k, enc_k = params['decoder'][0]['self_attn']['k'][...], params['encoder'][1]['attn']['k'][...]
-  group_mean = lambda x: x.reshape(32, k, 4 // k, 8).mean(2)
+  dec_k = params['decoder'][0]['self_attn']['k'][...]
+  enc_k = params['encoder'][1]['attn']['k'][...]
+  group_mean = lambda x: x.reshape(d, k, n // k, h).mean(2)
   np.testing.assert_allclose(pooled['decoder'][0]['self_attn']['k'][...], group_mean(dec_k))
   np.testing.assert_allclose(pooled['encoder'][1]['attn']['k'][...],
                              group_mean(enc_k) if scope == 'all' else enc_k)
@@ -62,20 +59,23 @@ def test_pooling_tied_heads_keeps_logits(k, scope):
   # Heads identical within each group: the pooled model computes the same function.
   tied = jax.tree.map(lambda p, q: jnp.repeat(q, p.shape[1] // q.shape[1], axis=1)
                       if p.shape != q.shape else p, params, pooled)
-  converted = convert.pool_kv(tied, 4, k, scope)
-  mqa = nnx.eval_shape(lambda: Transformer(tiny(k, scope), rngs=nnx.Rngs(0)))
+  converted = convert.pool_kv(tied, n, k, scope)
+  abstract = lambda **kw: nnx.eval_shape(
+      lambda: Transformer(dataclasses.replace(cfg, kv_heads_scope=scope, **kw),
+                          rngs=nnx.Rngs(0)))
+  mha, mqa = abstract(), abstract(num_kv_heads=k)
   shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
   assert shapes(converted) == shapes(nnx.state(mqa, nnx.Param))
   rng = np.random.default_rng(0)
-  src, tgt = (jnp.asarray(rng.integers(3, 32, (3, n)), jnp.int32) for n in (7, 9))
+  src, tgt = (jnp.asarray(rng.integers(3, 64, (3, t)), jnp.int32) for t in (7, 9))
   src, tgt = src.at[1, 5:].set(0), tgt.at[1, 6:].set(0)
   np.testing.assert_allclose(
       jax.jit(nnx.merge(nnx.graphdef(mqa), converted))(src, tgt),
-      jax.jit(nnx.merge(graphdef, tied))(src, tgt), atol=1e-6, rtol=1e-6)
+      jax.jit(nnx.merge(nnx.graphdef(mha), tied))(src, tgt), atol=1e-6, rtol=1e-6)
 
 
 def test_converted_workdir_fine_tunes(source, tmp_path):
-  source, source_params = source
+  source, _, source_params = source
   dst = str(tmp_path / 'mha2mqa')
   assert convert.convert(source, dst, 1) == dst
   run = runs.restore(dst)
@@ -84,10 +84,10 @@ def test_converted_workdir_fine_tunes(source, tmp_path):
   assert run.config.model.d_ff == demo.get_config('mha,tiny').model.d_ff
   assert os.path.exists(f'{dst}/spm.model') and os.listdir(f'{dst}/data')
   chex.assert_trees_all_close(run.params, convert.pool_kv(source_params, 4, 1, 'all'))
-  _, data_state = Checkpointer(dst, 3).restore(train_lib.abstract_state(
-      ModelConfig.from_config(run.config.model, run.tokenizer.vocab_size),
-      train_lib.make_optimizer(run.config.opt, 10), 0)[1])
-  assert data_state == {'epoch': 0, 'cursor': 0}
+  ckpt = Checkpointer(dst, 3)
+  position = ckpt.manager.restore(0, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+  ckpt.close()
+  assert position['data'] == {'epoch': 0, 'cursor': 0}
   # The module docstring's command: `:mha` with K, variant and steps overridden
   # (eval_every only saves test time; it is not part of the architecture check).
   config = demo.get_config('mha,tiny')
@@ -101,7 +101,7 @@ def test_converted_workdir_fine_tunes(source, tmp_path):
 
 
 def test_errors_are_one_line_and_write_nothing(source, tmp_path):
-  source, _ = source
+  source, _, _ = source
   busy = tmp_path / 'busy'
   busy.mkdir()
   (busy / 'keep.txt').write_text('mine')
