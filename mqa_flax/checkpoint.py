@@ -42,8 +42,8 @@ def check_same_architecture(workdir: str, config: dict[str, Any]) -> None:
 class Checkpointer:
   """Saves and restores {'state': train state, 'data': iterator position}."""
 
-  def __init__(self, workdir: str, keep: int, primary: bool = True):
-    del primary  # Orbax coordinates writes across processes itself.
+  def __init__(self, workdir: str, keep: int):
+    # Orbax coordinates the writes of several processes itself.
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, 'checkpoints')),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
