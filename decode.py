@@ -40,7 +40,9 @@ _BATCH = flags.DEFINE_integer('batch_size', None, 'Sentences per batch; default 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 _VARIANTS = flags.DEFINE_list('variants', [], 'benchmark: variants of --config.')
 _OUT = flags.DEFINE_string('out', None, 'benchmark: output directory (default workdir).')
-_B_BATCH = flags.DEFINE_integer('bench_batch', 1024, 'benchmark: greedy batch.')
+_B_BATCH = flags.DEFINE_list('bench_batch', ['1024'],
+                             'benchmark: greedy batch sizes; all kinds at the first, '
+                             'encoder and greedy at the others (decoder time vs batch).')
 _B_BEAM_BATCH = flags.DEFINE_integer('bench_beam_batch', 256, 'benchmark: beam-4 sentences.')
 _B_SRC = flags.DEFINE_integer('bench_src_len', 128, 'benchmark: source length.')
 _B_TGT = flags.DEFINE_integer('bench_tgt_len', 128, 'benchmark: target length.')
@@ -112,10 +114,13 @@ def run_benchmark() -> str:
   else:
     raise app.UsageError('benchmark needs --variants (with --config) or --workdir')
   train_rows, train_len = (int(x) for x in _B_TRAIN.value)
-  rows = benchmark.run(
-      variants, states=states, batch=_B_BATCH.value, src_len=_B_SRC.value,
-      tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value, train_batch=train_rows,
-      train_len=train_len, reps=_B_REPS.value, kinds=tuple(_B_KINDS.value))
+  rows = []
+  for i, batch in enumerate(int(b) for b in _B_BATCH.value):
+    kinds = [k for k in _B_KINDS.value if i == 0 or k in ('encoder', 'greedy')]
+    rows += benchmark.run(
+        variants, states=states, batch=batch, src_len=_B_SRC.value,
+        tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value, train_batch=train_rows,
+        train_len=train_len, reps=_B_REPS.value, kinds=tuple(kinds))
   out = _OUT.value or _WORKDIR.value or 'runs/benchmark'
   table = benchmark.write_outputs(rows, out, ' '.join(sys.argv))
   print(table)

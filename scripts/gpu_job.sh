@@ -14,7 +14,8 @@
 #   PARALLEL  trainings sharing the GPU at once (default 4)
 #   TRAIN_TIMEOUT  seconds after which a training is stopped (SIGTERM: it
 #             checkpoints) and scored as it is; default 0, no limit
-#   BENCH_ARGS  decode.py benchmark flags (default: the paper's shapes)
+#   BENCH_ARGS  decode.py benchmark flags (default: the paper's shapes, and
+#             greedy also at batch 128 and 8)
 #   RUNS      workdirs, checkpoints included (default /tmp/runs; stay there)
 # --tiny checks the plumbing on a CPU in minutes: `,tiny` models on the same
 # data, 2 variants x 1 seed, tiny benchmark shapes. Outputs (at most 8 files,
@@ -66,7 +67,7 @@ elif [ -n "$TINY" ]; then
 fi
 VARIANTS=${VARIANTS:-mha mqa gqa2 mha_local mqa_local mha_h1 mha_h4}
 SEEDS=${SEEDS:-0 1 2} PARALLEL=${PARALLEL:-4} RUNS=${RUNS:-/tmp/runs}
-BENCH_ARGS=${BENCH_ARGS:-}
+BENCH_ARGS=${BENCH_ARGS:---bench_batch=1024,128,8}
 if [ -n "${STEPS:-}" ]; then TRAIN_ARGS+=(--config.num_train_steps="$STEPS"); fi
 mkdir -p "$RUNS"
 FAILED=$RUNS/failed.txt
