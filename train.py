@@ -27,6 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
+  train_lib.maybe_initialize_distributed()  # Before anything touches devices.
   logging.info('JAX %s on %d %s device(s), process %d of %d', jax.__version__,
                jax.device_count(), jax.default_backend(), jax.process_index(),
                jax.process_count())

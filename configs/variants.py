@@ -14,8 +14,9 @@ from mqa_flax.config import matched_d_ff
 
 LOCAL_WINDOW = 32  # Paper: the current and the previous 31 positions.
 
-# name: (query heads or None for the baseline's, kv heads as a fraction of the
-# query heads' count or an absolute int, head_dim divisor, local window).
+# name: changes to the baseline: `heads` query heads, `kv` key/value heads
+# (default: as many as query heads), `head_div` divides the baseline's
+# head_dim, `local` the decoder self-attention window.
 VARIANTS = {
     'mha': dict(),
     'mqa': dict(kv=1),
@@ -66,6 +67,9 @@ def apply(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Confi
   m.num_kv_heads = v.get('kv', m.num_heads)
   m.head_dim = max(1, base['head_dim'] // v.get('head_div', 1))
   m.local_window = v.get('local', 0)
+  if 'kv' in v and m.num_kv_heads >= m.num_heads:
+    raise ValueError(f'variant {name} needs more than {m.num_heads} query heads '
+                     f'(num_kv_heads={m.num_kv_heads})')
   m.d_ff = matched_d_ff(base, m.num_heads, m.num_kv_heads, m.head_dim,
                         m.kv_heads_scope)
   c.variant = name

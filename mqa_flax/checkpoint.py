@@ -31,7 +31,9 @@ def check_same_architecture(workdir: str, config: dict[str, Any]) -> None:
   keep = lambda c: {'model': c.get('model'),
                     'data': {k: c.get('data', {}).get(k) for k in (
                         'source', 'tfds_name', 'train_split', 'src_lang',
-                        'tgt_lang', 'vocab_size', 'numbers_max')}}
+                        'tgt_lang', 'vocab_size', 'numbers_max',
+                        'numbers_train_size', 'max_len')},
+                    'seed': c.get('seed')}
   diffs = _diff(keep(old), keep(config))
   if diffs:
     raise ValueError(
@@ -51,15 +53,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict[str, int],
+  def save(self, step: int, state: Any, data_states: list[dict[str, int]],
            force: bool = False) -> None:
-    """Starts an asynchronous save of `state` and the data position."""
+    """Starts an asynchronous save of `state` and each process's data position."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state)), force=force)
+        data=ocp.args.JsonSave(data_states)), force=force)
 
   def restore(self, abstract_state: Any,
-              step: int | None = None) -> tuple[Any, dict[str, int]]:
+              step: int | None = None) -> tuple[Any, list[dict[str, int]]]:
     """Restores the latest (or given) step into `abstract_state`'s structure."""
     step = self.manager.latest_step() if step is None else step
     restored = self.manager.restore(step, args=ocp.args.Composite(

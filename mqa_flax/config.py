@@ -74,7 +74,7 @@ def matched_d_ff(base: dict[str, int], num_heads: int, num_kv_heads: int,
   The rule (it reproduces the paper's 5440 for MQA and 6784 for its reduced
   head rows): attention weights saved over all attention blocks are given to
   the feed-forward blocks, d_ff += saved / (2 * d_model * num_ffn_blocks),
-  rounded to a multiple of 32.
+  rounded to a multiple of 8.
 
   Args:
     base: `num_encoder_layers`, `num_decoder_layers`, `d_model`, `d_ff`,
@@ -97,4 +97,4 @@ def matched_d_ff(base: dict[str, int], num_heads: int, num_kv_heads: int,
       num_heads, num_heads, head_dim)
   saved = d * (enc * (mha - var_enc) + 2 * dec * (mha - var))
   extra = saved / (2 * d * (enc + dec))
-  return base['d_ff'] + 32 * round(extra / 32)
+  return base['d_ff'] + 8 * round(extra / 8)

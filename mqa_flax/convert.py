@@ -104,7 +104,7 @@ def convert(src_workdir: str, dst_workdir: str, num_kv_heads: int) -> str:
   state = jax.device_get(
       train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
   ckpt = ckpt_lib.Checkpointer(dst_workdir, config.keep_checkpoints)
-  ckpt.save(0, state, {'epoch': 0, 'cursor': 0}, force=True)
+  ckpt.save(0, state, [{'epoch': 0, 'cursor': 0}], force=True)
   ckpt.close()
   logging.info('wrote %s (%s, K=%d) from %s at step %d', dst_workdir,
                config.variant, num_kv_heads, src_workdir, run.step)

@@ -36,6 +36,11 @@ def param_groups(cfg: ModelConfig) -> dict[str, int]:
   return groups
 
 
+def param_groups_total(cfg: ModelConfig) -> int:
+  """Total parameter count of a model config."""
+  return sum(param_groups(cfg).values())
+
+
 def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
             beam_size: int = 1) -> dict[str, float]:
   """Sizes and per-token costs of training and incremental decoding.

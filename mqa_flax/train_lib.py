@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mqa_flax import bleu as bleu_lib
@@ -49,9 +50,10 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   if opt.schedule == 'rsqrt':
     return lambda step: peak * jnp.minimum(
         (step + 1) / warmup, jnp.sqrt(warmup / jnp.maximum(step + 1, 1)))
-  if opt.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
-                                              max(total_steps, warmup + 1))
+  if opt.schedule == 'cosine':  # Shifted like rsqrt: the first step learns.
+    cosine = optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
+                                                max(total_steps, warmup + 1))
+    return lambda step: cosine(step + 1)
   raise ValueError(f"opt.schedule={opt.schedule!r}; expected 'rsqrt' or 'cosine'")
 
 
@@ -146,6 +148,14 @@ def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
   return graphdef, jax.jit(_init_fn(cfg, tx, seed), out_shardings=shardings)()
 
 
+def gather_data_states(state: dict[str, int]) -> list[dict[str, int]]:
+  """Every process's data position, indexed by process (saved by process 0)."""
+  if jax.process_count() == 1:
+    return [state]
+  pairs = multihost_utils.process_allgather(np.array([state['epoch'], state['cursor']]))
+  return [{'epoch': int(e), 'cursor': int(c)} for e, c in np.asarray(pairs)]
+
+
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
   """Whether every element of every array in `tree` is finite."""
@@ -153,9 +163,9 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins a multi-process job when the environment describes one."""
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') or int(
-      os.environ.get('JAX_NUM_PROCESSES', '1')) > 1:
+  """Joins a multi-process job when the environment describes one (once)."""
+  if (os.environ.get('JAX_COORDINATOR_ADDRESS') or int(
+      os.environ.get('JAX_NUM_PROCESSES', '1')) > 1) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
 
 
@@ -163,7 +173,8 @@ class _StopSignal:
   """Turns SIGTERM/SIGINT into a flag checked between steps."""
 
   def __init__(self):
-    self.signum = None
+    self.signum = None  # What the loop acts on.
+    self._seen = None  # What this process received.
     self._old = {}
 
   def __enter__(self):
@@ -173,7 +184,14 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     del frame
-    self.signum = signum
+    self._seen = signum
+    if jax.process_count() == 1:
+      self.signum = signum
+
+  def agree(self) -> None:
+    """Makes every process stop if any process was signalled."""
+    flags = multihost_utils.process_allgather(np.int32(self._seen or 0))
+    self.signum = int(np.max(flags)) or None
 
   def __exit__(self, *exc):
     for s, handler in self._old.items():
@@ -210,6 +228,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   primary = jax.process_index() == 0
   config_dict = config.to_dict()
   ckpt_lib.check_same_architecture(workdir, config_dict)
+  # Bad model settings fail here, before the vocabulary is trained.
+  ModelConfig.from_config(config.model, config.data.vocab_size)
+  longest = max(config.data.max_len, config.data.max_eval_len)
+  if longest > config.model.max_len:
+    raise ValueError(f'data.max_len/max_eval_len={longest} exceeds model.max_len='
+                     f'{config.model.max_len} (the positional embedding table)')
   tokenizer = data.get_tokenizer(config.data, workdir, is_primary=primary)
   cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
   if primary:
@@ -226,13 +250,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = make_optimizer(config.opt, total)
   graphdef, state = create_state(cfg, tx, config.seed, mesh)
   logging.info('model: %s, %d parameters on %d devices', cfg,
-               sum(x.size for x in jax.tree.leaves(state.params)), jax.device_count())
+               summary.param_groups_total(cfg), jax.device_count())
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   batches = data.PackedBatches(train_ex, config.data.batch_size, config.data.max_len,
                                config.seed, jax.process_index(), jax.process_count())
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
-    batches.set_state(data_state)
+    state, data_states = ckpt.restore(state)
+    batches.set_state(data_states[jax.process_index()])
     logging.info('resumed from step %d', int(state.step))
   step = int(state.step)
 
@@ -277,12 +301,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           record(pending)
         pending = (step, m)
         boundary = lambda every: every and (step % every == 0 or step == total)
+        if jax.process_count() > 1 and boundary(config.log_every):
+          stop.agree()  # A signal seen by one process stops them all, together.
         if not (boundary(config.log_every) or boundary(config.eval_every) or
                 boundary(config.checkpoint_every) or boundary(config.bleu_every) or
-                stop.signum is not None):
+                step == total or stop.signum is not None):
           continue
         record(pending)
         pending = None
+        paused_from = time.time()
         if boundary(config.log_every) and acc:
           now, wait = time.time(), batches.wait_seconds
           tokens = acc['tokens']
@@ -299,6 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           progress(step, f"loss {scalars['train/loss']:.3f} | input wait "
                    f"{100 * scalars['train/input_wait_fraction']:.1f}%")
           acc, last_log, last_wait = {}, now, wait
+          paused_from = time.time()
         with progress.paused():
           if boundary(config.eval_every):
             scalars = evaluate(p_eval, state.params, dev_ex, config.data.eval_batch_size)
@@ -311,14 +339,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 f'{s}  \n→ {h}  \n(ref: {r})'
                 for s, h, r in list(zip(dev_text[0], hyps, dev_text[1]))[:5])})
             logging.info('step %d: dev BLEU %.2f', step, scores['bleu_13a'])
-          if boundary(config.checkpoint_every) or stop.signum is not None:
+          if (boundary(config.checkpoint_every) or step == total or
+              stop.signum is not None):
             if not all_finite(state.params):
               raise FloatingPointError(
                   f'parameters are not finite at step {step}; stopping without '
                   f'saving. The last good checkpoint (step {ckpt.latest_step()}) '
                   f'is kept in {workdir}/checkpoints')
-            ckpt.save(step, state, batches.get_state(), force=True)
+            ckpt.save(step, state, gather_data_states(batches.get_state()), force=True)
           writer.flush()
+        last_log += time.time() - paused_from  # Eval and saving are not training time.
       if stop.signum is not None:
         logging.warning('stopped by signal %d at step %d; checkpoint saved, rerun '
                         'the same command to resume', stop.signum, step)

@@ -36,7 +36,7 @@ def source(tmp_path_factory) -> tuple[str, ModelConfig, nnx.State]:
   tx = train_lib.make_optimizer(config.opt, config.num_train_steps)
   ckpt = Checkpointer(workdir, 3)
   ckpt.save(7, train_lib.TrainState(jnp.array(7, jnp.int32), params, tx.init(params)),
-            {'epoch': 1, 'cursor': 5})
+            [{'epoch': 1, 'cursor': 5}])
   ckpt.close()
   return workdir, cfg, params
 
@@ -87,7 +87,7 @@ def test_converted_workdir_fine_tunes(source, tmp_path):
   ckpt = Checkpointer(dst, 3)
   position = ckpt.manager.restore(0, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
   ckpt.close()
-  assert position['data'] == {'epoch': 0, 'cursor': 0}
+  assert position['data'] == [{'epoch': 0, 'cursor': 0}]
   # The module docstring's command: `:mha` with K, variant and steps overridden
   # (eval_every only saves test time; it is not part of the architecture check).
   config = demo.get_config('mha,tiny')

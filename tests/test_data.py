@@ -14,7 +14,8 @@ from configs import base as base_config
 from mqa_flax import data
 from mqa_flax import tokenizer as tokenizer_lib
 
-_REAL_DATA = '/work/shared/data'
+_REAL_DATA = os.environ.get(
+    'MQA_FLAX_DATA', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
 
 
 def _cfg(**overrides):

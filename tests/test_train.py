@@ -42,8 +42,10 @@ def losses(workdir):
 
 
 def test_resume_is_exact(tmp_path):
+  # rsqrt: the learning rate does not depend on num_train_steps, which differs
+  # between the two legs of run b.
   kw = {'num_train_steps': 8, 'log_every': 2, 'eval_every': 4, 'checkpoint_every': 2,
-        'model.dropout_rate': 0.1}
+        'model.dropout_rate': 0.1, 'opt.schedule': 'rsqrt'}
   straight = train_lib.train_and_evaluate(tiny_config(**kw), str(tmp_path / 'a'))
   train_lib.train_and_evaluate(tiny_config(**(kw | {'num_train_steps': 4})),
                                str(tmp_path / 'b'))
@@ -144,3 +146,29 @@ def test_misspelt_config_key_is_an_error(tmp_path):
   assert out.returncode != 0
   assert 'num_kv_head' in out.stderr
   assert not (tmp_path / 'config.json').exists()
+
+
+def test_golden_metrics_after_one_step():
+  """Update these numbers only if a change to the model or loss is intended."""
+  config = tiny_config()
+  cfg = ModelConfig.from_config(config.model, 64)
+  tx = train_lib.make_optimizer(config.opt, 10)
+  mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
+  graphdef, state = train_lib.create_state(cfg, tx, 0, mesh)
+  rng = np.random.default_rng(0)
+  batch = {'inputs': jnp.asarray(rng.integers(1, 64, (4, 16)), jnp.int32),
+           'targets': jnp.asarray(rng.integers(1, 64, (4, 12)), jnp.int32)}
+  step = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
+                                   label_smoothing=0.1, rng=jax.random.key(0)))
+  losses_, norms = [], []
+  for _ in range(3):
+    state, m = step(state, batch)
+    losses_.append(float(m['loss_sum'] / m['tokens']))
+    norms.append(float(m['grad_norm']))
+  np.testing.assert_allclose(losses_, GOLDEN_LOSSES, rtol=1e-4)
+  np.testing.assert_allclose(norms, GOLDEN_GRAD_NORMS, rtol=1e-3)
+  assert losses_[2] < losses_[0]  # The loss falls on a repeated batch.
+
+
+GOLDEN_LOSSES = [4.8016009, 4.7215676, 4.5725350]
+GOLDEN_GRAD_NORMS = [1.4632684, 1.4254425, 1.3141067]
