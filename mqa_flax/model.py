@@ -286,11 +286,6 @@ def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
   return positions
 
 
-def param_count(model: nnx.Module) -> int:
-  """Number of parameters (works on an abstract `nnx.eval_shape` model too)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def cache_bytes(cache: Cache) -> int:
   """Bytes held by a decode cache (or its `jax.eval_shape`)."""
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
