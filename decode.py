@@ -20,6 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from configs import variants as variant_lib
 from mqa_flax import runs
 from mqa_flax.config import ModelConfig
 
@@ -89,12 +90,7 @@ def _variant_configs() -> dict[str, ModelConfig]:
   out = {}
   for v in _VARIANTS.value:
     c = module.get_config(v + suffix)
-    for key, value in config_flags.get_override_values(flag).items():
-      *parents, leaf = key.split('.')
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    variant_lib.set_values(c, config_flags.get_override_values(flag))
     out[v] = ModelConfig.from_config(c.model, c.data.vocab_size)
   return out
 

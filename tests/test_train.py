@@ -1,7 +1,6 @@
 """Training tests: exact resume, SIGTERM, NaN guard, data parallelism, learning."""
 
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -12,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import demo
+from configs import variants
 from mqa_flax import train_lib
 from mqa_flax.checkpoint import Checkpointer
 from mqa_flax.config import ModelConfig
@@ -27,13 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
   c = demo.get_config('mqa,tiny')
   c.unlock()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return variants.set_values(c, overrides)
 
 
 def losses(workdir):
