@@ -3,7 +3,9 @@
   python train.py --config=configs/demo.py:mqa --workdir=runs/demo-mqa \
       [--config.model.num_kv_heads=2 ...]
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's newest intact checkpoint.
+Exit codes (mqa_flax/errors.py): 0 trained, 2 a user error (one line), 3
+stopped by SIGTERM/SIGINT with a checkpoint saved (rerun to resume).
 """
 
 import os
@@ -14,6 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mqa_flax import errors
 from mqa_flax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,4 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

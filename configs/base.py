@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.optimizer = 'adafactor'  # 'adafactor' (paper's codebase) or 'adamw'.
   o.learning_rate = 0.01  # Peak, reached at the end of warmup.
   o.warmup_steps = 10_000  # Linear warmup, then the schedule's decay.
+  o.warmup_fraction = 0.0  # >0: warmup is this fraction of the train steps.
   o.schedule = 'rsqrt'  # 'rsqrt' (decay as 1/sqrt(step)) or 'cosine' (to 0).
   o.b1 = 0.9  # adamw.
   o.b2 = 0.98  # adamw.
@@ -61,11 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.label_smoothing = 0.1
 
   c.num_train_steps = 100_000
+  c.num_epochs = 0.0  # >0: train this many passes over the data (sets the steps).
   c.log_every = 100  # Train scalars and console progress.
   c.eval_every = 1000  # Dev loss / ln(PPL).
   c.bleu_every = 10_000  # Greedy dev BLEU; 0 disables.
   c.checkpoint_every = 2000
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # Latest train states; best-on-dev parameters go to best/.
 
   c.decode = dc = ml_collections.ConfigDict()
   dc.beam_size = 4
@@ -73,4 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dc.max_len_a = 1.5  # Max output length = a * source length + b.
   dc.max_len_b = 10
   dc.overlong = 'truncate'  # Inputs over data.max_eval_len: 'truncate' or 'error'.
+  # How a decode step computes (same results; compare with --mode=benchmark):
+  dc.attention_impl = 'xla'  # 'xla' (einsums), 'cudnn' (GPU) or 'pallas' kernel.
+  dc.cache_layout = 'BLKH'  # K/V cache arrays [B, L, K, H] or 'BKLH' [B, K, L, H].
   return c

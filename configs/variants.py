@@ -46,7 +46,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.data.max_len, c.data.max_eval_len = 64, 64
   c.data.batch_size, c.data.eval_batch_size = 8, 8
   c.opt.optimizer, c.opt.learning_rate, c.opt.warmup_steps = 'adamw', 3e-3, 5
-  c.num_train_steps = 20
+  c.num_train_steps, c.num_epochs, c.opt.warmup_fraction = 20, 0.0, 0.0
   c.log_every = c.eval_every = c.checkpoint_every = 10
   c.bleu_every = 0
 

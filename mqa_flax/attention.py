@@ -16,37 +16,112 @@ from flax import nnx
 from mqa_flax.config import check_heads
 
 _NEG_INF = -1e30  # Finite, so fully masked rows give a uniform softmax.
+IMPLS = ('xla', 'cudnn', 'pallas')  # How decode attention computes (T == 1).
+KV_LAYOUTS = ('BSKH', 'BKSH')  # Key/value array layouts.
 
 
-def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array,
-                          v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
+                          mask_BTS: jax.Array, impl: str = 'xla',
+                          kv_layout: str = 'BSKH',
+                          num_kv_heads: int = 0) -> jax.Array:
   """Grouped attention of N query heads over K key/value heads.
 
   The query batch may be R times the key/value batch (rows b*R .. b*R+R-1
   attend to key/value row b): beam search shares one sentence's encoder
   memory between its beams this way, without copying it.
 
+  `impl` chooses how it is computed, never what: 'xla' (grouped einsums, any
+  T), or, for one query position (T == 1, incremental decoding), 'cudnn'
+  (`jax.nn.dot_product_attention` on a GPU, layout BSKH only) or 'pallas'
+  (`mqa_flax.pallas_attention.decode_attention`). Those two need the R rows
+  that share a key/value row to share its mask too, as decoding's do.
+
   Args:
     q_BTNH: queries, already scaled.
-    k_BSKH: keys.
-    v_BSKH: values.
+    k: keys, [B, S, K, H] for kv_layout 'BSKH', or [B*K, S, H] for 'BKSH'
+      (the bytes of [B, K, S, H], stored with B and K merged: XLA then reads
+      it as stored, with no reshape between a cache update and its read).
+    v: values, laid out as k.
     mask_BTS: True where query t may attend to key s (query batch).
+    impl: one of IMPLS.
+    kv_layout: 'BSKH' or 'BKSH'.
+    num_kv_heads: K, needed for 'BKSH' only.
 
   Returns:
     The attended values, [B, T, N, H].
   """
+  if kv_layout not in KV_LAYOUTS:
+    raise ValueError(f'kv_layout={kv_layout!r}; expected one of {KV_LAYOUTS}')
+  if impl not in IMPLS:
+    raise ValueError(f'attention impl={impl!r}; expected one of {IMPLS}')
   b, t, n, h = q_BTNH.shape
-  bk, s, k, _ = k_BSKH.shape
-  r, g = b // bk, n // k
+  if kv_layout == 'BSKH':
+    bk, s, kh, _ = k.shape
+  else:
+    kh = num_kv_heads
+    bk, s = k.shape[0] // kh, k.shape[1]
+  r, g = b // bk, n // kh
+  if impl != 'xla' and t == 1:
+    valid_BS = mask_BTS.reshape(bk, r, s)[:, 0]
+    fn = _cudnn_attention if impl == 'cudnn' else _pallas_attention
+    return fn(q_BTNH, k, v, valid_BS, kv_layout, kh)
   # Fold the R query rows that share a key/value row into the query axis.
-  q = q_BTNH.reshape(bk, r * t, k, g, h)
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k_BSKH,
-                      preferred_element_type=jnp.float32)
-  mask = mask_BTS.reshape(bk, 1, 1, r * t, s)
+  q = q_BTNH.reshape(bk, r * t, kh, g, h)
+  if kv_layout == 'BSKH':
+    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k,
+                        preferred_element_type=jnp.float32)
+    mask = mask_BTS.reshape(bk, 1, 1, r * t, s)
+    logits = jnp.where(mask, logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
+    return out.reshape(b, t, n, h)
+  # [B*K, S, H]: one batched matmul over C = B*K rows of M = R*T*G queries.
+  m = r * t * g
+  q = q.transpose(0, 2, 1, 3, 4).reshape(bk * kh, m, h)
+  logits = jnp.einsum('CSH,CMH->CMS', k, q, preferred_element_type=jnp.float32)
+  mask = jnp.broadcast_to(mask_BTS.reshape(bk, 1, r * t, 1, s),
+                          (bk, kh, r * t, g, s)).reshape(bk * kh, m, s)
   logits = jnp.where(mask, logits, _NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v_BSKH)
-  return out.reshape(b, t, n, h)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('CMS,CSH->CMH', probs, v).reshape(bk, kh, r * t, g, h)
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
+def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
+                     valid_BS: jax.Array, kv_layout: str, kh: int) -> jax.Array:
+  """One query position through cuDNN's fused attention (GPU only)."""
+  if jax.default_backend() != 'gpu':
+    raise NotImplementedError(
+        f"attention impl 'cudnn' needs a CUDA GPU; this backend is "
+        f'{jax.default_backend()!r} (use impl xla or pallas)')
+  if kv_layout != 'BSKH':
+    raise ValueError("attention impl 'cudnn' takes keys/values as [B, S, K, H] "
+                     "only: use cache_layout 'BLKH'")
+  del kh  # In k's shape.
+  b, _, n, h = q_B1NH.shape
+  bk = k.shape[0]
+  q = q_B1NH.reshape(bk, b // bk, n, h)  # The R rows become query positions.
+  out = jax.nn.dot_product_attention(q, k, v, mask=valid_BS[:, None, None, :],
+                                     scale=1.0, implementation='cudnn')
+  return out.reshape(b, 1, n, h)
+
+
+def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
+                      valid_BS: jax.Array, kv_layout: str, kh: int) -> jax.Array:
+  """One query position through the Pallas decode kernel (interpreted on CPU)."""
+  from mqa_flax import pallas_attention  # pylint: disable=g-import-not-at-top
+  b, _, n, h = q_B1NH.shape
+  bk = valid_BS.shape[0]
+  r, g = b // bk, n // kh
+  if kv_layout == 'BKSH':  # [B*K, S, H] -> the kernel's [B, K, S, H].
+    k = k.reshape(bk, kh, -1, h)
+    v = v.reshape(bk, kh, -1, h)
+  q = q_B1NH.reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
+  out = pallas_attention.decode_attention(
+      q.reshape(bk, kh, r * g, h), k, v, valid_BS, kv_layout=kv_layout,
+      interpret=jax.default_backend() == 'cpu')  # [Bk, K, R*G, H]
+  out = out.reshape(bk, kh, r, g, h).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, 1, n, h)
 
 
 class Attention(nnx.Module):
@@ -74,13 +149,15 @@ class Attention(nnx.Module):
     v = jnp.einsum('BSD,DKH->BSKH', x, self.v[...].astype(self.dtype))
     return k, v
 
-  def attend(self, x_BTD: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-             mask_BTS: jax.Array) -> jax.Array:
+  def attend(self, x_BTD: jax.Array, k: jax.Array, v: jax.Array,
+             mask_BTS: jax.Array, impl: str = 'xla',
+             kv_layout: str = 'BSKH') -> jax.Array:
     """Projects queries from x, attends to given keys/values, projects out."""
     x = x_BTD.astype(self.dtype)
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
     q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
-    y = dot_product_attention(q, k_BSKH, v_BSKH, mask_BTS)
+    y = dot_product_attention(q, k, v, mask_BTS, impl, kv_layout,
+                              self.k.shape[1])
     return jnp.einsum('BTNH,NHD->BTD', y, self.o[...].astype(self.dtype))
 
   def __call__(self, x_BTD: jax.Array, y_BSD: jax.Array,

@@ -8,26 +8,35 @@ median of `reps` calls, each ended by `jax.block_until_ready`. Rows, by kind:
 - `encoder`: the encoder and the cross-attention K/V projection (done once
   per sentence) on [batch, src_len]; µs per source token, which is µs per
   output token at the paper's equal source and target lengths.
-- `greedy`: exactly tgt_len incremental steps in one jitted loop, argmax fed
-  back, EOS ignored, the donated cache a loop carry; µs per output token.
-  Cache `padded` reads the whole fixed-size cache every step (the paper's);
-  `growing` reads it up to the end of the current chunk of `chunk` steps
-  (on average (chunk - 1) / 2 positions more than its floor counts).
+- `greedy`: `decoding.greedy_search` over `model.decode_step` (the loop that
+  `decode.py --mode=translate|bleu` runs), EOS ignored so that all tgt_len
+  steps run; µs per output token. Cache `padded` reads the whole fixed-size
+  cache every step (the paper's); `growing` (greedy_search's `chunk`) reads
+  it up to the end of the current chunk of `chunk` steps (on average
+  (chunk - 1) / 2 positions more than its floor counts).
 - `beam4`: `decoding.beam_search` at `beam_size` beams; µs per output token
   of a sentence, time / (sentences * tgt_len), as the paper counts.
+
+Decoder rows are timed for each requested (attention_impl, cache_layout)
+pair (`ModelConfig` fields: how a step computes, never what); a pair that
+fails to compile or run gives an error row and the others go on, and each
+row can be written out as soon as it is measured (`emit`).
 
 The decoder's cache is built outside the timed function. Each time sits
 beside a memory floor (`bytes_per_step` from `summary.analyze` over the
 measured copy bandwidth; decoding only: training and encoder traffic is not
 modelled, so those fields are null) and a compute floor (FLOPs per token from
 `summary.analyze` over the measured matmul throughput); `fraction_of_*` is
-floor / measured, at most 1 up to noise. Decoder rows also give
-`loop_copy_bytes_per_step`: the K/V-cache-shaped copies XLA put inside the
-compiled loop (0 when the cache is updated in place). Inference kinds use
-weights cast to the compute dtype, as `analyze` assumes.
+floor / measured, at most 1 up to noise. Decoder rows also give the traffic
+XLA put inside the compiled loop (`loop_traffic`): `loop_bytes_by_kind`, the
+bytes per step of every op writing an array at least as large as one K/V
+cache leaf, by what it computes, and `loop_cache_copy_bytes_per_step`, its
+copying part (0 when the cache is updated in place and read as stored).
+Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 
 import collections
+import dataclasses
 import datetime
 import functools
 import json
@@ -43,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from mqa_flax import decoding
@@ -106,56 +116,89 @@ def measure_matmul_flops(dtype: str = 'float32', n: int | None = None,
   return 2 * n**3 / sec / 1e12
 
 
-def greedy_tokens(model: Transformer, cache: Cache, steps: int,
-                  chunk: int | None = None) -> tuple[jax.Array, Cache]:
-  """Greedy decoding of exactly `steps` tokens, EOS ignored: (tokens [B, T], cache).
-
-  `cache` comes from `init_cache` with beam_size 1 and is the loop carry.
-  Without `chunk` every step reads the whole cache (`padded`); with it the
-  steps run as loops of `chunk` steps, each reading the cache only up to the
-  end of its chunk (`growing`).
-  """
-  def step(read_len, t, carry):
-    tokens, cache = carry
-    ids = jnp.where(t == 0, 0, tokens[:, jnp.maximum(t - 1, 0)])
-    logits, cache = model.decode_step(ids, cache, read_len=read_len)
-    return tokens.at[:, t].set(jnp.argmax(logits, -1).astype(jnp.int32)), cache
-
-  carry = (jnp.zeros((cache['src_mask'].shape[0], steps), jnp.int32), cache)
-  for start in range(0, steps, chunk or steps):
-    end = min(start + (chunk or steps), steps)
-    body = functools.partial(step, end if chunk else None)
-    carry = jax.lax.fori_loop(start, end, body, carry)
-  return carry
-
-
 _HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
               'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+# Ops whose result costs no traffic of its own.
+_NO_WRITE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
+             'while', 'call', 'conditional', 'after-all', 'partition-id'}
+# Kinds that copy data (an in-place dynamic-update-slice writes only its update).
+COPY_KINDS = ('copy', 'transpose', 'gather', 'concatenate', 'slice',
+              'dynamic-slice')
 
 
-def loop_copy_bytes(hlo_text: str, shapes: Sequence[Sequence[int]]) -> int:
-  """Most bytes one iteration of any while loop copies into arrays like `shapes`.
-
-  Reads compiled HLO text: `copy` ops and fusions XLA named `copy*` in while
-  bodies, whose non-unit dimensions are, in some order, those of one of
-  `shapes` (the K/V cache leaves, say). A loop that updates its cache in
-  place copies none.
-  """
-  keys = {tuple(sorted(d for d in s if d != 1)) for s in shapes}
-  bodies = set(re.findall(r'body=%([\w.\-]+)', hlo_text))
-  per_body, computation = collections.Counter(), None
+def _parse_hlo(hlo_text: str) -> dict[str, dict[str, tuple[str, str, str]]]:
+  """computation -> op name -> (kind, result type, rest of the line)."""
+  comps, current = {}, None
   for line in hlo_text.splitlines():
     head = re.match(r'(?:ENTRY )?%([\w.\-]+) .*\{$', line)
-    op = re.match(r'\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* (\w+)\(', line)
+    op = re.match(r'\s*(ROOT )?%(\S+) = (.+?) ([a-z][\w\-]*)\((.*)$', line)
     if head:
-      computation = head.group(1)
-    elif computation in bodies and op and op.group(2) in _HLO_BYTES:
-      name, dtype, dims, kind = op.groups()
-      dims = [int(d) for d in dims.split(',') if d]
-      if (kind == 'copy' or kind == 'fusion' and name.startswith('copy')) and (
-          tuple(sorted(d for d in dims if d != 1)) in keys):
-        per_body[computation] += _HLO_BYTES[dtype] * math.prod(dims)
-  return max(per_body.values(), default=0)
+      current = comps.setdefault(head.group(1), {})
+    elif op and current is not None:
+      root, name, typ, kind, rest = op.groups()
+      current[name] = (kind, typ, rest)
+      if root:
+        current['ROOT'] = current[name]
+  return comps
+
+
+def _root_kinds(comps: dict, fused: str) -> list[str]:
+  """What a fusion computes: its ROOT's op kind, per output of a tuple root."""
+  ops = comps.get(fused, {})
+  kind, _, rest = ops.get('ROOT', ('fusion', '', ''))
+  names = re.findall(r'%([\w.\-]+)', rest.split(')')[0]) if kind == 'tuple' else []
+  roots = [ops[n] for n in names if n in ops] or [ops.get('ROOT', (kind, '', rest))]
+  out = []
+  for kind, _, rest in roots:
+    while kind == 'bitcast':  # A bitcast only renames; look at what it renames.
+      operand = re.match(r'[^%]*%([\w.\-]+)', rest)
+      if not operand or operand.group(1) not in ops:
+        break
+      kind, _, rest = ops[operand.group(1)]
+    out.append(kind)
+  return out
+
+
+def loop_traffic(hlo_text: str, min_bytes: int) -> dict[str, int]:
+  """Bytes written per iteration, by op kind, of arrays >= min_bytes in while loops.
+
+  Reads compiled HLO text. For every while-loop body, every op whose result
+  (or an element of a tuple result) has at least `min_bytes` bytes (one K/V
+  cache leaf, say) counts under its kind; a fusion counts under what its
+  ROOT computes (XLA names an in-place update `copy_dynamic-update-slice_fusion`
+  and a layout change may be a `copy_bitcast_fusion`). Returns the body with
+  the most bytes: with one step per iteration, bytes per step. A
+  `dynamic-update-slice` is the in-place cache update (its operand buffer is
+  reused, only the update is written); COPY_KINDS are real copies.
+  """
+  comps = _parse_hlo(hlo_text)
+  bodies = set(re.findall(r'body=%([\w.\-]+)', hlo_text))
+  best: dict[str, int] = {}
+  for body in bodies:
+    per_kind = collections.Counter()
+    for name, (kind, typ, rest) in comps.get(body, {}).items():
+      if name == 'ROOT' or kind in _NO_WRITE:
+        continue
+      arrays = re.findall(r'(\w+)\[([\d,]*)\]', typ)
+      kinds = [kind] * len(arrays)
+      if kind == 'fusion':
+        fused = re.search(r'calls=%([\w.\-]+)', rest)
+        roots = _root_kinds(comps, fused.group(1)) if fused else []
+        kinds = roots if len(roots) == len(arrays) else [
+            roots[0] if roots else kind] * len(arrays)
+      for (dtype, dims), k in zip(arrays, kinds):
+        nbytes = _HLO_BYTES.get(dtype, 4) * math.prod(
+            int(d) for d in dims.split(',') if d)
+        if nbytes >= min_bytes and k not in _NO_WRITE:
+          per_kind[k] += nbytes
+    if sum(per_kind.values()) > sum(best.values()):
+      best = dict(per_kind)
+  return best
+
+
+def cache_copy_bytes(by_kind: dict[str, int]) -> int:
+  """The COPY_KINDS part of `loop_traffic`'s result."""
+  return sum(v for k, v in by_kind.items() if k in COPY_KINDS)
 
 
 def _fields(bytes_per_step: float | None, steps: int, tokens: int,
@@ -200,37 +243,45 @@ def _time_encoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
               **_fields(None, 1, b * s, flops, sec, dev))
 
 
+def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
+              chunk: int | None) -> Callable[[nnx.State, Cache], jax.Array]:
+  """What the decoder rows time: `decoding`'s search over `model.decode_step`.
+
+  EOS is ignored (an id that matches nothing), so every row decodes all
+  tgt_len steps; `chunk` (greedy only) selects the growing cache.
+  """
+  def fn(params, cache):
+    model = nnx.merge(graphdef, params)
+    if beams == 1:
+      return decoding.greedy_search(model.decode_step, cache, batch, tgt_len,
+                                    _NO_EOS, stop_at_eos=False, chunk=chunk)
+    return decoding.beam_search(model.decode_step, cache, batch, beams,
+                                tgt_len, _NO_EOS, stop_at_eos=False,
+                                reorder=model.reorder_cache)[0]
+  return fn
+
+
 def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                  b: int, beams: int, modes: Sequence[str], s: int, t: int,
-                  chunk: int, seed: int, dev: dict, timing: dict) -> list[dict]:
+                  b: int, beams: int, mode: str, s: int, t: int, chunk: int,
+                  seed: int, dev: dict, timing: dict) -> dict:
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
   make_cache = jax.jit(functools.partial(_encode, graphdef, max_len=t,
                                          beam_size=beams))
   shapes = jax.eval_shape(make_cache, params, inputs)
-  k, h = cfg.num_kv_heads, cfg.head_dim
-  kv_shapes = [(b, s, k, h)] + [(b * beams, n, k, h) for n in range(
-      1, shapes['layers'][0]['k'].shape[1] + 1)]
+  leaf = min(math.prod(x.shape) * x.dtype.itemsize for layer in shapes['layers']
+             for x in layer.values())
   stats = _analyze(cfg, b, s, t, beams)
-  rows = []
-  for mode in modes:
-    if beams == 1:
-      fn = lambda p, c, m=mode: greedy_tokens(
-          nnx.merge(graphdef, p), c, t, chunk if m == 'growing' else None)
-    else:
-      fn = lambda p, c: decoding.beam_search(
-          nnx.merge(graphdef, p).decode_step, c, b, beams, t, _NO_EOS,
-          stop_at_eos=False)
-    # beam_search returns no cache, so its cache could not be donated.
-    compiled, compile_s, sec = _timed(
-        fn, lambda _: (params, make_cache(params, inputs)),
-        donate=(1,) if beams == 1 else (), **timing)
-    rows.append(dict(
-        kind='greedy' if beams == 1 else f'beam{beams}', cache=mode, batch=b,
-        beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
-        loop_copy_bytes_per_step=loop_copy_bytes(compiled.as_text(), kv_shapes),
-        **_fields(stats[f'decode_bytes_per_step_{mode}'], t, b * t,
-                  beams * stats['decode_flops_per_token'], sec, dev)))
-  return rows
+  fn = decode_fn(graphdef, b, beams, t, chunk if mode == 'growing' else None)
+  compiled, compile_s, sec = _timed(
+      fn, lambda _: (params, make_cache(params, inputs)), **timing)
+  by_kind = loop_traffic(compiled.as_text(), leaf)
+  return dict(
+      kind='greedy' if beams == 1 else f'beam{beams}', cache=mode, batch=b,
+      beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
+      loop_bytes_by_kind=by_kind,
+      loop_cache_copy_bytes_per_step=cache_copy_bytes(by_kind),
+      **_fields(stats[f'decode_bytes_per_step_{mode}'], t, b * t,
+                beams * stats['decode_flops_per_token'], sec, dev))
 
 
 def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
@@ -246,12 +297,41 @@ def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   params = jax.tree.map(jnp.copy, params)  # The step donates its state.
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   step = functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
-                           label_smoothing=0.1, rng=jax.random.key(seed))
-  _, compile_s, sec = _timed(step, lambda out: (out[0] if out else state, batch),
+                           label_smoothing=0.1)
+  rng = jax.random.key(seed)
+  _, compile_s, sec = _timed(step, lambda out: (out[0] if out else state, batch, rng),
                              donate=(0,), **timing)
   flops = _analyze(cfg, b, length, length, 1)['train_flops_per_token']
   return dict(kind='train', cache=None, batch=b, src_len=length, tgt_len=length,
               compile_s=compile_s, **_fields(None, 1, b * length, flops, sec, dev))
+
+
+def parse_impls(spec: Sequence[str]) -> list[tuple[str, str]]:
+  """['xla/BLKH', 'pallas'] -> [('xla', 'BLKH'), ('pallas', 'BLKH')]."""
+  out = []
+  for item in spec:
+    impl, _, layout = item.partition('/')
+    out.append((impl, layout or 'BLKH'))
+  return out
+
+
+def _error_row(kind: str, cache: str | None, batch: int, err: Exception) -> dict:
+  logging.error('benchmark %s/%s at batch %d failed: %s: %s', kind, cache,
+                batch, type(err).__name__, err)
+  return dict(kind=kind, cache=cache, batch=batch, us_per_token=None,
+              error=f'{type(err).__name__}: {err}'[:2000])
+
+
+def row_appender(out_dir: str, command: str) -> Callable[[dict], None]:
+  """A function appending one row to out_dir/benchmark.jsonl, flushed at once."""
+  os.makedirs(out_dir, exist_ok=True)
+  commit = _git_commit()
+
+  def append(row: dict) -> None:
+    with open(os.path.join(out_dir, 'benchmark.jsonl'), 'a') as f:
+      f.write(json.dumps(dict(row, command=command, git_commit=commit)) + '\n')
+      f.flush()
+  return append
 
 
 def run(variants: dict[str, ModelConfig], *,
@@ -260,7 +340,8 @@ def run(variants: dict[str, ModelConfig], *,
         beam_size: int = 4, train_batch: int = 128, train_len: int = 256,
         cache_modes: Sequence[str] = CACHE_MODES, reps: int = 5,
         warmup: int = 1, kinds: Sequence[str] = KINDS, chunk: int = 16,
-        seed: int = 0,
+        seed: int = 0, impls: Sequence[tuple[str, str]] | None = None,
+        emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
 
@@ -274,6 +355,12 @@ def run(variants: dict[str, ModelConfig], *,
     cache_modes: greedy cache modes; beam search is padded only.
     kinds: from KINDS; the encoder is timed at the greedy and beam batches.
     chunk: steps per loop in growing mode.
+    impls: (attention_impl, cache_layout) pairs; each decoder row is timed
+      for each, in this order (default: the variant's own). The encoder is
+      timed with the first, training with its own config ('xla').
+    emit: called with each row as soon as it is measured (e.g. `row_appender`).
+      A row that fails to compile or run becomes an error row (field `error`,
+      us_per_token None) and the others go on.
     opt_config: `config.opt` for `train_lib.make_optimizer`; default AdamW.
   """
   if set(kinds) - set(KINDS) or set(cache_modes) - set(CACHE_MODES):
@@ -285,37 +372,60 @@ def run(variants: dict[str, ModelConfig], *,
                  timespec='seconds'))
   timing = dict(reps=reps, warmup=warmup)
   opt_config = opt_config or ml_collections.ConfigDict(_ADAMW)
-  decoders = [(batch, 1, cache_modes)] if 'greedy' in kinds else []
+  decoders = [(batch, 1, m) for m in cache_modes] if 'greedy' in kinds else []
   if 'beam4' in kinds:
-    decoders.append((beam_batch, beam_size, ('padded',)))
+    decoders.append((beam_batch, beam_size, 'padded'))
   tflops, rows = {}, []
-  for name, cfg in variants.items():
-    if cfg.dtype not in tflops:
-      tflops[cfg.dtype] = measure_matmul_flops(cfg.dtype)
-    d = dict(dev, device_tflops=tflops[cfg.dtype])
+  for name, base_cfg in variants.items():
+    if base_cfg.dtype not in tflops:
+      tflops[base_cfg.dtype] = measure_matmul_flops(base_cfg.dtype)
+    d = dict(dev, device_tflops=tflops[base_cfg.dtype])
+    pairs = impls or [(base_cfg.attention_impl, base_cfg.cache_layout)]
     if name in (states or {}):
       params = states[name]
-      graphdef = nnx.graphdef(nnx.eval_shape(
-          lambda c=cfg: Transformer(c, rngs=nnx.Rngs(0))))
     else:
-      graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)),
-                                   nnx.Param)
-    infer = jax.tree.map(lambda x, c=cfg: x.astype(c.compute_dtype), params)
-    new = []
-    if 'encoder' in kinds:
-      for b in dict.fromkeys([b for b, _, _ in decoders] or [batch]):
-        new.append(_time_encoder(cfg, graphdef, infer, b, src_len, tgt_len,
-                                 seed, d, timing))
-    for b, k, modes in decoders:
-      new += _time_decoder(cfg, graphdef, infer, b, k, modes, src_len, tgt_len,
-                           chunk, seed, d, timing)
-    if 'train' in kinds:
-      new.append(_time_train(cfg, graphdef, params, train_batch, train_len,
-                             opt_config, seed, d, timing))
-    common = dict(variant=name, dtype=cfg.dtype, num_heads=cfg.num_heads,
-                  num_kv_heads=cfg.num_kv_heads, src_len=src_len,
+      params = nnx.state(Transformer(base_cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    infer = jax.tree.map(lambda x, c=base_cfg: x.astype(c.compute_dtype), params)
+    common = dict(variant=name, dtype=base_cfg.dtype,
+                  num_heads=base_cfg.num_heads,
+                  num_kv_heads=base_cfg.num_kv_heads, src_len=src_len,
                   tgt_len=tgt_len, reps=reps, **d)
-    rows += [dict(common, **r) for r in new]
+
+    def graph(cfg):
+      return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+    def measure(kind, cache, batch, impl, layout, fn):
+      try:
+        row = fn()
+      except Exception as err:  # pylint: disable=broad-except
+        row = _error_row(kind, cache, batch, err)
+      row = dict(common, attention_impl=impl, cache_layout=layout, **row)
+      rows.append(row)
+      if emit:
+        emit(row)
+
+    def decoder_row(b, k, mode, impl, layout):
+      cfg = dataclasses.replace(base_cfg, attention_impl=impl,
+                                cache_layout=layout)
+      return _time_decoder(cfg, graph(cfg), infer, b, k, mode, src_len,
+                           tgt_len, chunk, seed, d, timing)
+
+    if 'encoder' in kinds:
+      first = dataclasses.replace(base_cfg, attention_impl='xla',
+                                  cache_layout=pairs[0][1])
+      for b in dict.fromkeys([b for b, _, _ in decoders] or [batch]):
+        measure('encoder', None, b, 'xla', first.cache_layout,
+                lambda b=b: _time_encoder(first, graph(first), infer, b,
+                                          src_len, tgt_len, seed, d, timing))
+    for impl, layout in pairs:
+      for b, k, mode in decoders:
+        measure('greedy' if k == 1 else f'beam{k}', mode, b, impl, layout,
+                functools.partial(decoder_row, b, k, mode, impl, layout))
+    if 'train' in kinds:
+      cfg = dataclasses.replace(base_cfg, attention_impl='xla')
+      measure('train', None, train_batch, 'xla', cfg.cache_layout,
+              lambda: _time_train(cfg, graph(cfg), params, train_batch,
+                                  train_len, opt_config, seed, d, timing))
   return rows
 
 
@@ -328,39 +438,56 @@ def _git_commit() -> str | None:
     return None
 
 
-def write_outputs(rows: Sequence[dict], out_dir: str, command: str) -> str:
-  """Appends rows to benchmark.jsonl; writes table2.md and TensorBoard scalars.
+def write_outputs(rows: Sequence[dict], out_dir: str, command: str,
+                  append: bool = True) -> str:
+  """Writes table2.md and TensorBoard scalars (and, if `append`, benchmark.jsonl).
 
   Returns the markdown: `report.table2` of these rows, the device
-  measurements, and each row's compute floor and in-loop cache copies.
+  measurements, each row's compute floor and in-loop traffic, and errors.
+  Pass append=False when the rows were already written by `row_appender`.
   """
   os.makedirs(out_dir, exist_ok=True)
-  commit = _git_commit()
-  with open(os.path.join(out_dir, 'benchmark.jsonl'), 'a') as f:
+  if append:
+    emit = row_appender(out_dir, command)
     for r in rows:
-      f.write(json.dumps(dict(r, command=command, git_commit=commit)) + '\n')
+      emit(r)
+  good = [r for r in rows if r.get('us_per_token') is not None]
+  failed = [r for r in rows if r.get('error')]
   devices = dict.fromkeys(
       f"{r['device']} ({r['dtype']}): copy {r['device_gbps']:.0f} GB/s, "
-      f"matmul {report.num(r['device_tflops'])} TFLOP/s" for r in rows)
-  copies = lambda r: (report.DASH if r.get('loop_copy_bytes_per_step') is None
-                      else f"{r['loop_copy_bytes_per_step'] / 1e6:.3g}")
-  floors = [[r['variant'], r['kind'], r['cache'] or report.DASH, r['batch'],
+      f"matmul {report.num(r['device_tflops'])} TFLOP/s" for r in good)
+  copies = lambda r: (report.DASH if r.get('loop_cache_copy_bytes_per_step') is None
+                      else f"{r['loop_cache_copy_bytes_per_step'] / 1e6:.3g}")
+  kinds = lambda r: ', '.join(f'{k} {v / 1e6:.3g}' for k, v in sorted(
+      (r.get('loop_bytes_by_kind') or {}).items())) or report.DASH
+  floors = [[r['variant'], r['kind'], r['cache'] or report.DASH,
+             report.impl_label(r), r['batch'],
              report.num(r['flops_per_token'] / 1e6),
              report.num(r['compute_floor_us_per_token']),
-             f"{r['fraction_of_compute_floor']:.3f}", copies(r)] for r in rows]
+             f"{r['fraction_of_compute_floor']:.3f}", copies(r), kinds(r)]
+            for r in good]
   text = (report.table2(rows) + '\nMeasured: ' + '; '.join(devices) +
           '. Memory floor: bytes per token / copy bandwidth (decoding only). '
           'Compute floor: FLOPs per token / matmul throughput.\n\n'
-          '### Compute floor and in-loop cache copies\n\n' + report.md_table(
-              ['variant', 'kind', 'cache', 'batch', 'MFLOP/token',
+          '### Compute floor and in-loop traffic\n\n' + report.md_table(
+              ['variant', 'kind', 'cache', 'impl', 'batch', 'MFLOP/token',
                'compute floor (µs/token)', 'fraction of compute floor',
-               'cache copied per step (MB)'], floors))
+               'cache copied per step (MB)',
+               'cache-sized writes per step by op (MB)'], floors))
+  if failed:
+    text += '\n### Errors\n\n' + report.md_table(
+        ['variant', 'kind', 'cache', 'impl', 'error'],
+        [[r.get('variant'), r['kind'], r['cache'] or report.DASH,
+          report.impl_label(r), r['error'].splitlines()[0][:200]]
+         for r in failed])
   with open(os.path.join(out_dir, 'table2.md'), 'w') as f:
     f.write(text)
+  many = len({report.impl_label(r) for r in good}) > 1
   writer = metrics.MetricWriter(out_dir)
   writer.write_scalars(0, {
       f"benchmark/{r['variant']}/{r['kind']}"
-      f"{'_' + r['cache'] if r['cache'] else ''}_us_per_token": r['us_per_token']
-      for r in rows})
+      f"{'_' + r['cache'] if r['cache'] else ''}"
+      f"{'_' + report.impl_label(r).replace('/', '_') if many else ''}"
+      "_us_per_token": r['us_per_token'] for r in good})
   writer.close()
   return text

@@ -1,10 +1,103 @@
-"""Checkpoints with orbax's CheckpointManager: train state plus data position."""
+"""Checkpoints with orbax's CheckpointManager.
 
+`<workdir>/checkpoints/`: the latest train states (parameters, optimizer, data
+position) for resuming. `<workdir>/best/`: the parameters alone at the step
+with the lowest dev ln(PPL) so far, with `best.json`; decoding uses them.
+
+Every save records a CRC32 of each array (in the train checkpoint's
+`fingerprint` item, in best.json's `fingerprint`); every restore checks them
+and that the parameters are finite, and raises `CheckpointDamaged` otherwise.
+Resuming falls back to the newest intact train checkpoint and moves damaged
+ones to `<workdir>/checkpoints_damaged/`.
+"""
+
+import contextlib
+import datetime
+import fcntl
 import json
+import math
 import os
+import socket
+import sys
+import zlib
 from typing import Any
 
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
+
+from mqa_flax.errors import UserError
+
+
+class CheckpointDamaged(UserError):
+  """A checkpoint that cannot be read back, or reads back other than saved."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def _key(path) -> str:
+  return '/'.join(str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _host_arrays(tree: Any) -> dict[str, np.ndarray]:
+  """This process's copy of every (replicated) array in `tree`, by path."""
+  return {_key(path): np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def fingerprint(tree: Any) -> dict[str, str]:
+  """CRC32 of the bytes of every array in `tree`, keyed by its path."""
+  return {k: f'{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)):08x}'
+          for k, a in _host_arrays(tree).items()}
+
+
+def verify(tree: Any, expected: dict[str, str] | None, what: str, step: int) -> None:
+  """Raises CheckpointDamaged if `tree` differs from `expected` or its params are not finite."""
+  arrays = _host_arrays(tree)
+  if expected:
+    actual = fingerprint(tree)
+    bad = [k for k, v in actual.items() if expected.get(k, v) != v]
+    if bad:
+      raise CheckpointDamaged(
+          f'{what} is damaged: {len(bad)} of {len(actual)} arrays differ from the '
+          f'checksums saved with it (first: {bad[0]})', step)
+  nonfinite = [k for k, a in arrays.items()
+               if (k.startswith('params') or what.startswith('best'))
+               and np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all()]
+  if nonfinite:
+    raise CheckpointDamaged(f'{what} is damaged: {len(nonfinite)} arrays hold NaN '
+                            f'or Inf (first: {nonfinite[0]})', step)
+
+
+def _quiet_closed_loop(hook):
+  """`hook` without the 'Event loop is closed' echoes of a failed tensorstore read."""
+  def quiet(unraisable):
+    if not (unraisable.exc_type is RuntimeError and
+            str(unraisable.exc_value) == 'Event loop is closed'):
+      hook(unraisable)
+  quiet.quiet = True
+  return quiet
+
+
+def _read(what: str, step: int, fn, *args, **kwargs) -> Any:
+  """`fn(*args, **kwargs)`, with any failure to read reported as CheckpointDamaged."""
+  # After a failed read, the reads still in flight finish after orbax's event
+  # loop closed, each printing a traceback that would bury the error.
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    # The first line, without a traceback that tensorstore may embed in it.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first.split('Traceback')[0].rstrip(' \\n\'"')[:300]
+    raise CheckpointDamaged(f'{what} cannot be read ({type(e).__name__}: {first})',
+                            step) from e
 
 
 def _diff(old: Any, new: Any, prefix: str = '') -> list[str]:
@@ -36,9 +129,40 @@ def check_same_architecture(workdir: str, config: dict[str, Any]) -> None:
                     'seed': c.get('seed')}
   diffs = _diff(keep(old), keep(config))
   if diffs:
-    raise ValueError(
+    raise UserError(
         f'{workdir} holds a run of another architecture ({"; ".join(diffs)}); '
         'nothing was changed there: choose a new --workdir')
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, enabled: bool = True):
+  """Holds an exclusive lock on `<workdir>/train.lock`, or raises UserError naming its holder.
+
+  The lock is an flock on an open file, so the kernel releases it when its
+  process ends, however it ends: a killed run never blocks the next one.
+  """
+  if not enabled:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'train.lock')
+  f = open(path, 'a+')
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise UserError(f'{workdir} is in use by {holder}: wait for it to finish or '
+                      'stop it, or choose another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} (training since '
+            f'{datetime.datetime.now().isoformat(timespec="seconds")})\n')
+    f.flush()
+    yield
+  finally:
+    f.close()  # Releases the lock.
 
 
 class Checkpointer:
@@ -46,8 +170,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int):
     # Orbax coordinates the writes of several processes itself.
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
@@ -58,24 +183,132 @@ class Checkpointer:
     """Starts an asynchronous save of `state` and each process's data position."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_states)), force=force)
+        data=ocp.args.JsonSave(data_states),
+        fingerprint=ocp.args.JsonSave(fingerprint(state))), force=force)
+
+  def _fingerprint(self, step: int) -> dict[str, str] | None:
+    """The checksums saved with `step` (None for checkpoints saved without)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), 'fingerprint')):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(
+        fingerprint=ocp.args.JsonRestore()))['fingerprint']
 
   def restore(self, abstract_state: Any,
               step: int | None = None) -> tuple[Any, list[dict[str, int]]]:
     """Restores the latest (or given) step into `abstract_state`'s structure."""
     step = self.manager.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    what = f'checkpoint step {step} in {self.directory}'
+    expected = _read(what, step, self._fingerprint, step)
+    restored = _read(what, step, self.manager.restore, step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore()))
+    verify(restored['state'], expected, what, step)
     return restored['state'], restored['data']
 
-  def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
-    """Restores only the train state (for decoding)."""
+  def restore_intact(self, abstract_state: Any) -> tuple[Any, list[dict[str, int]]] | None:
+    """The newest checkpoint that reads back intact, or None if none was saved.
+
+    Damaged checkpoints are named in a warning and moved to
+    `<workdir>/checkpoints_damaged/`, so that training can save those steps again.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, step)
+      except CheckpointDamaged as e:
+        logging.warning('%s; moved it to %s_damaged and falling back to the '
+                        'previous checkpoint', e, self.directory)
+        damaged.append(step)
+        self._set_aside(step)
+    if damaged:
+      raise UserError(
+          f'every checkpoint in {self.directory} is damaged (steps '
+          f'{", ".join(map(str, damaged))}, moved to {self.directory}_damaged): '
+          'rerun to train from step 0, or choose a new --workdir')
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      aside = f'{self.directory}_damaged'
+      os.makedirs(aside, exist_ok=True)
+      target = os.path.join(aside, str(step))
+      while os.path.exists(target):
+        target += '+'
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint {step} set aside')
+    self.manager.reload()
+
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    """Restores only the parameters of a train state (for decoding)."""
     step = self.manager.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored['state']
+    what = f'checkpoint step {step} in {self.directory}'
+    expected = _read(what, step, self._fingerprint, step)
+    restored = _read(what, step, self.manager.restore, step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            {'params': abstract_params},
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
+                sharding=x.sharding), {'params': abstract_params}),
+            partial_restore=True)))
+    verify(restored['state'], expected, what, step)
+    return restored['state']['params']
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class BestParams:
+  """Keeps the parameters of the step with the lowest dev ln(PPL) in `<workdir>/best`."""
+
+  def __init__(self, workdir: str):
+    self.directory = os.path.abspath(os.path.join(workdir, 'best'))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    self.record = read_best(workdir)
+
+  def offer(self, step: int, dev_ln_ppl: float, params: Any) -> bool:
+    """Saves `params` if `dev_ln_ppl` beats every earlier offer; returns whether."""
+    if not math.isfinite(dev_ln_ppl) or (
+        self.record and self.record['dev_ln_ppl'] <= dev_ln_ppl):
+      return False
+    if step in self.manager.all_steps():  # Re-evaluated after a resume.
+      return False
+    self.manager.save(step, args=ocp.args.StandardSave(params), force=True)
+    self.manager.wait_until_finished()  # best.json never names an unfinished save.
+    self.record = {'step': step, 'dev_ln_ppl': dev_ln_ppl,
+                   'fingerprint': fingerprint(params)}
+    if jax.process_index() == 0:  # One writer; orbax saved every process's share.
+      tmp = os.path.join(self.directory, 'best.json.tmp')
+      with open(tmp, 'w') as f:
+        json.dump(self.record, f)
+      os.replace(tmp, os.path.join(self.directory, 'best.json'))
+    return True
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_best(workdir: str) -> dict | None:
+  """`{'step', 'dev_ln_ppl'}` of the best parameters saved in `workdir`, or None."""
+  path = os.path.join(workdir, 'best', 'best.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int,
+                   expected: dict[str, str] | None = None) -> Any:
+  """Restores the best parameters saved at `step`, checked against `expected`."""
+  directory = os.path.abspath(os.path.join(workdir, 'best'))
+  manager = ocp.CheckpointManager(directory)
+  what = f'best parameters (step {step}) in {directory}'
+  try:
+    params = _read(what, step, manager.restore, step,
+                   args=ocp.args.StandardRestore(abstract_params))
+  finally:
+    manager.close()
+  verify(params, expected, what, step)
+  return params

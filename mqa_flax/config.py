@@ -7,6 +7,8 @@ import jax.numpy as jnp
 
 KV_SCOPES = ('all', 'decoder')
 POS_EMBEDDINGS = ('learned', 'sinusoidal')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas')
+CACHE_LAYOUTS = ('BLKH', 'BKLH')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,10 @@ class ModelConfig:
   pos_embedding: str = 'learned'
   dropout_rate: float = 0.1
   dtype: str = 'float32'
+  # How incremental decode steps compute, never what (config.decode): the
+  # attention implementation and the K/V cache layout. Training uses 'xla'.
+  attention_impl: str = 'xla'
+  cache_layout: str = 'BLKH'
 
   def __post_init__(self):
     check_heads(self.num_heads, self.num_kv_heads)
@@ -37,6 +43,12 @@ class ModelConfig:
       raise ValueError(
           f'pos_embedding={self.pos_embedding!r}; expected one of '
           f'{POS_EMBEDDINGS}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r}; expected one '
+                       f'of {ATTENTION_IMPLS}')
+    if self.cache_layout not in CACHE_LAYOUTS:
+      raise ValueError(f'cache_layout={self.cache_layout!r}; expected one of '
+                       f'{CACHE_LAYOUTS}')
     if self.local_window < 0:
       raise ValueError(f'local_window={self.local_window} must be >= 0')
     for name in ('vocab_size', 'd_model', 'd_ff', 'head_dim', 'max_len'):
@@ -54,9 +66,13 @@ class ModelConfig:
     return self.num_kv_heads if self.kv_heads_scope == 'all' else self.num_heads
 
   @classmethod
-  def from_config(cls, model_cfg: Any, vocab_size: int) -> 'ModelConfig':
-    """Builds from the `config.model` ConfigDict of a config file."""
-    return cls(**model_cfg.to_dict(), vocab_size=vocab_size)
+  def from_config(cls, model_cfg: Any, vocab_size: int,
+                  decode_cfg: Any = None) -> 'ModelConfig':
+    """Builds from `config.model` (and `config.decode`'s implementation choices)."""
+    extra = {} if decode_cfg is None else dict(
+        attention_impl=decode_cfg.attention_impl,
+        cache_layout=decode_cfg.cache_layout)
+    return cls(**model_cfg.to_dict(), vocab_size=vocab_size, **extra)
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> None:

@@ -85,7 +85,7 @@ def convert(src_workdir: str, dst_workdir: str, num_kv_heads: int) -> str:
   config.variant = f'{config.variant}_uptrain_kv{num_kv_heads}'
   cfg = ModelConfig.from_config(config.model, run.tokenizer.vocab_size)
   tx = train_lib.make_optimizer(config.opt, config.num_train_steps)
-  _, abstract = train_lib.abstract_state(cfg, tx, config.seed)
+  _, abstract = train_lib.abstract_state(cfg, tx)
   shapes = lambda tree: {jax.tree_util.keystr(p): x.shape
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
   assert shapes(params) == shapes(abstract.params), 'pooled shapes differ'

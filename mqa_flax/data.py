@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import os
 import queue
 import re
@@ -30,6 +31,7 @@ import numpy as np
 
 from mqa_flax import number_words
 from mqa_flax import tokenizer as tokenizer_lib
+from mqa_flax.errors import UserError
 
 NUMBERS_SEED = 0  # The generated task is the same for every training seed.
 SPM_SEED = 0  # Sentence sampling when training the vocabulary.
@@ -57,29 +59,55 @@ def read_split(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
     return _read_text(cfg, split)
   if cfg.source == 'tfds':
     return _read_tfds(cfg, split)
-  raise ValueError(f"data.source={cfg.source!r}; expected 'numbers', 'text' or 'tfds'")
+  raise UserError(f"data.source={cfg.source!r}; expected 'numbers', 'text' or 'tfds'")
 
 
 def _read_numbers(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
   if split not in _NUMBERS_SPLITS:
-    raise ValueError(f'numbers source: unknown split {split!r}; '
-                     f'expected one of {sorted(_NUMBERS_SPLITS)}')
+    raise UserError(f'numbers source: unknown split {split!r}; '
+                    f'expected one of {sorted(_NUMBERS_SPLITS)}')
   if {cfg.src_lang, cfg.tgt_lang} != {'en', 'de'}:
-    raise ValueError(f'numbers source is en<->de, not {cfg.src_lang}->{cfg.tgt_lang}')
+    raise UserError(f'numbers source is en<->de, not {cfg.src_lang}->{cfg.tgt_lang}')
   name = _NUMBERS_SPLITS[split]
   size = cfg.numbers_train_size if name == 'train' else cfg.numbers_eval_size
   en, de = number_words.make_split(name, size, cfg.numbers_max, NUMBERS_SEED)
   return (en, de) if cfg.src_lang == 'en' else (de, en)
 
 
+def split_lines(raw: bytes, name: str, invalid_utf8: str = 'error') -> list[str]:
+  """The lines of UTF-8 text, split at '\\n' only (CRLF's '\\r' dropped).
+
+  Training and decoding both read text this way, so a '\\r' inside a line
+  never splits it. A line that is not UTF-8 raises UserError naming it, or
+  with `invalid_utf8='replace'` holds U+FFFD for each bad byte (one warning).
+  """
+  parts = raw.split(b'\n')
+  if parts[-1] == b'':
+    parts.pop()
+  lines, replaced = [], 0
+  for number, part in enumerate(parts, 1):
+    part = part.removesuffix(b'\r')
+    try:
+      lines.append(part.decode('utf-8'))
+    except UnicodeDecodeError as e:
+      if invalid_utf8 != 'replace':
+        raise UserError(
+            f'{name} line {number} is not UTF-8 (byte 0x{part[e.start]:02x} at '
+            f'column {e.start + 1}): convert it, e.g. iconv -f latin1 -t utf-8, or '
+            'decode with --invalid_utf8=replace') from None
+      lines.append(part.decode('utf-8', 'replace'))
+      replaced += 1
+  if replaced:
+    logging.warning('%s: %d of %d lines were not UTF-8; their invalid bytes became '
+                    'U+FFFD', name, replaced, len(lines))
+  return lines
+
+
 def _read_lines(path: str) -> list[str]:
-  """Returns the lines of a UTF-8 file, splitting at '\\n' only."""
+  """Returns the lines of a UTF-8 file (plain or gzip), per `split_lines`."""
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rt', encoding='utf-8', newline='') as f:
-    lines = f.read().split('\n')
-  if lines[-1] == '':
-    lines.pop()
-  return [line.removesuffix('\r') for line in lines]
+  with opener(path, 'rb') as f:
+    return split_lines(f.read(), path)
 
 
 def _find(stem: str, lang: str) -> str | None:
@@ -92,12 +120,12 @@ def _find(stem: str, lang: str) -> str | None:
 
 def _read_text(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
   if not cfg.data_dir:
-    raise ValueError("data.data_dir is empty; the 'text' source needs the directory "
+    raise UserError("data.data_dir is empty; the 'text' source needs the directory "
                      'of the split files')
   if not os.path.isdir(cfg.data_dir):
     raise FileNotFoundError(f'data.data_dir={cfg.data_dir!r} is not a directory')
   src, tgt = cfg.src_lang, cfg.tgt_lang
-  pairs_src, pairs_tgt, skipped = [], [], 0
+  pairs_src, pairs_tgt, skipped, empty = [], [], 0, []
   for pattern in (p.strip() for p in split.split(',') if p.strip()):
     prefix = os.path.join(glob.escape(cfg.data_dir), pattern)
     matches = glob.glob(f'{prefix}.{src}') + glob.glob(f'{prefix}.{src}.gz')
@@ -111,8 +139,10 @@ def _read_text(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
         raise FileNotFoundError(f'{src_path} has no target file: looked for '
                                 f'{stem}.{tgt} and {stem}.{tgt}.gz')
       src_lines, tgt_lines = _read_lines(src_path), _read_lines(tgt_path)
+      empty += [p for p, lines in ((src_path, src_lines), (tgt_path, tgt_lines))
+                if not any(line.strip() for line in lines)]
       if len(src_lines) != len(tgt_lines):
-        raise ValueError(f'line counts differ: {src_path} has {len(src_lines)} lines, '
+        raise UserError(f'line counts differ: {src_path} has {len(src_lines)} lines, '
                          f'{tgt_path} has {len(tgt_lines)}')
       for s, t in zip(src_lines, tgt_lines):
         s, t = s.strip(), t.strip()
@@ -123,6 +153,13 @@ def _read_text(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
           skipped += 1
   logging.info('text split %r: %d pairs, %d skipped with an empty side',
                split, len(pairs_src), skipped)
+  if not pairs_src:
+    raise UserError(f'split {split!r} holds no sentence pairs: '
+                    f'{", ".join(empty) or "every pair has an empty side"} '
+                    f'{"is" if len(empty) == 1 else "are"} empty; fix the files '
+                    'or the split')
+  if empty:
+    logging.warning('split %r: %s empty', split, ', '.join(empty))
   return pairs_src, pairs_tgt
 
 
@@ -130,8 +167,8 @@ def _read_tfds(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("the tfds source needs the 'wmt' extra: pip install -e '.[wmt]'; "
-                      "or use data.source='text' with local files") from e
+    raise UserError("the tfds source needs the 'wmt' extra: pip install -e '.[wmt]'; "
+                    "or use data.source='text' with local files") from e
   name, data_dir = cfg.tfds_name, cfg.data_dir or None
   try:
     if hasattr(tfds, 'data_source'):
@@ -143,7 +180,7 @@ def _read_tfds(cfg: ml_collections.ConfigDict, split: str) -> Pairs:
       examples = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir))
   except Exception as e:  # pylint: disable=broad-except
     reason = (str(e).strip().splitlines() or [''])[0][:200]
-    raise RuntimeError(
+    raise UserError(
         f'tfds dataset {name!r} split {split!r} is not prepared in '
         f'{data_dir or "the default data_dir"} and could not be downloaded '
         f'({type(e).__name__}: {reason}); prepare it with `tfds build`, or use '
@@ -266,7 +303,7 @@ def tokenize_split(cfg: ml_collections.ConfigDict, split: str,
     logging.info('%s is stale (config or vocabulary changed); tokenizing again', path)
   src, tgt = read_split(cfg, split)
   if not src:
-    raise ValueError(f'split {split!r} has no sentence pairs')
+    raise UserError(f'split {split!r} has no sentence pairs')
   # Chunks bound the memory taken by Python lists of ids.
   parts = {'src': [], 'tgt': []}
   cut = np.zeros(len(src), bool)
@@ -331,6 +368,18 @@ class PackedBatches:
     """Returns the indices of this process's pairs in `epoch`, in visiting order."""
     order = np.random.default_rng([self._seed, epoch]).permutation(len(self._examples))
     return order[self._process_index::self._process_count]
+
+  def steps_per_epoch(self) -> int:
+    """Batches that epoch 0 fills (packing makes it data-dependent), at least 1."""
+    src_len = np.diff(self._examples.src_offsets)
+    tgt_len = np.diff(self._examples.tgt_offsets)
+    rows, src_fill, tgt_fill = 1, 0, 0
+    for i in self.epoch_order(0):
+      if src_fill + src_len[i] > self._max_len or tgt_fill + tgt_len[i] > self._max_len:
+        rows, src_fill, tgt_fill = rows + 1, 0, 0
+      src_fill += src_len[i]
+      tgt_fill += tgt_len[i]
+    return max(1, math.ceil(rows / self._rows))
 
   def get_state(self) -> dict[str, int]:
     """Returns the position after the last batch returned (JSON-able)."""
@@ -424,10 +473,15 @@ class Prefetch:
     self._thread.join(timeout=1.0)
 
 
+def bucket_width(length: int) -> int:
+  """Padded width for `length` tokens: 8, 16, 32, 64, ... (few shapes to compile)."""
+  return max(8, 1 << (max(length, 1) - 1).bit_length())
+
+
 def eval_batches(examples: Examples, batch_size: int) -> Iterator[Batch]:
   """Yields padded batches of `examples` in order; the last is filled with empty rows.
 
-  Lengths are rounded up to a multiple of 8 to limit recompilation. `num_real`
+  Lengths are padded to `bucket_width` to limit recompilation. `num_real`
   (an int, in every batch) counts the rows that hold examples.
   """
   for start in range(0, len(examples), batch_size):
@@ -435,7 +489,7 @@ def eval_batches(examples: Examples, batch_size: int) -> Iterator[Batch]:
     batch = {'num_real': len(indices)}
     for side, get in (('inputs', examples.src), ('targets', examples.tgt)):
       seqs = [get(i) for i in indices]
-      length = -(-max(len(s) for s in seqs) // 8) * 8
+      length = bucket_width(max(len(s) for s in seqs))
       batch[side] = np.zeros((batch_size, length), np.int32)
       for row, ids in enumerate(seqs):
         batch[side][row, :len(ids)] = ids

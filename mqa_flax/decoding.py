@@ -10,7 +10,8 @@ Beam search cache contract: the callback sees `batch_size * beam_size` rows,
 sentence-major (row = b * beam_size + k). Every cache leaf whose leading axis
 has that size is per-beam and is gathered when beams are reordered; any other
 leaf (cross-attention K/V of shape [B, S, K, H], a scalar decode index) is
-shared and left untouched. `expand_to_beams` builds per-beam leaves.
+shared and left untouched. `expand_to_beams` builds per-beam leaves. A
+cache laid out otherwise comes with its own `reorder` function.
 
 Lengths count the EOS token. With `max_lens`, row b emits EOS at step
 max_lens[b] - 1 at the latest, so it holds at most max_lens[b] tokens.
@@ -20,6 +21,7 @@ Letters: B batch, K beams, T max_len, V vocab.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -65,8 +67,14 @@ def greedy_search(
     eos_id: int,
     max_lens: jax.Array | None = None,
     stop_at_eos: bool = True,
+    chunk: int | None = None,
 ) -> jax.Array:
   """Decodes the argmax token at every step and returns tokens [B, max_len].
+
+  With `chunk`, the steps run as consecutive loops of `chunk` steps and the
+  callback is called as `tokens_to_logits(ids, cache, read_len=end)`, `end`
+  (static) the end of the current loop: a model may then read its cache only
+  up to `end` ('growing' cache) instead of its full length. Same tokens.
 
   Args:
     tokens_to_logits: callback over `batch_size` rows, see the module doc.
@@ -78,17 +86,22 @@ def greedy_search(
       EOS at step max_lens[b] - 1 (if that is < max_len).
     stop_at_eos: if False, run exactly max_len steps (for timing); only the
       early exit is dropped, the returned tokens are the same.
+    chunk: steps per inner loop, each with a static read length; None runs
+      one loop and calls `tokens_to_logits(ids, cache)`.
   """
 
-  def cond(s: GreedyState) -> jax.Array:
-    keep_going = s.step < max_len
+  def cond(end: int, s: GreedyState) -> jax.Array:
+    keep_going = s.step < end
     if stop_at_eos:
       keep_going &= ~jnp.all(s.finished)
     return keep_going
 
-  def body(s: GreedyState) -> GreedyState:
+  def body(read_len: int | None, s: GreedyState) -> GreedyState:
     ids = jnp.where(s.step == 0, 0, s.tokens[:, jnp.maximum(s.step - 1, 0)])
-    logits, cache = tokens_to_logits(ids, s.cache)  # [B, V]
+    if read_len is None:
+      logits, cache = tokens_to_logits(ids, s.cache)  # [B, V]
+    else:
+      logits, cache = tokens_to_logits(ids, s.cache, read_len=read_len)
     next_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
     forced = _forced_eos(s.step, max_lens)
     if forced is not None:
@@ -104,7 +117,15 @@ def greedy_search(
       finished=jnp.zeros((batch_size,), bool),
       cache=cache,
   )
-  return jax.lax.while_loop(cond, body, init).tokens
+  if chunk is None:
+    return jax.lax.while_loop(functools.partial(cond, max_len),
+                              functools.partial(body, None), init).tokens
+  s = init
+  for start in range(0, max_len, chunk):
+    end = min(start + chunk, max_len)
+    s = jax.lax.while_loop(functools.partial(cond, end),
+                           functools.partial(body, end), s)
+  return s.tokens
 
 
 # --------------------------------------------------------------------- beam
@@ -127,13 +148,13 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _reorder_cache(cache: Cache, beam_idx: jax.Array) -> Cache:
-  """Gathers every per-beam leaf (leading axis B*K) by beam_idx [B, K]."""
-  batch_size, beam_size = beam_idx.shape
-  rows = (jnp.arange(batch_size)[:, None] * beam_size + beam_idx).reshape(-1)
+def gather_rows(cache: Cache, rows: jax.Array) -> Cache:
+  """The default beam reorder: per-beam leaves (leading axis B*K) take rows.
 
+  Row i becomes old row rows[i]; other leaves are shared and left alone.
+  """
   def gather(x):
-    per_beam = x.ndim > 0 and x.shape[0] == batch_size * beam_size
+    per_beam = x.ndim > 0 and x.shape[0] == rows.shape[0]
     return x[rows] if per_beam else x
 
   return jax.tree.map(gather, cache)
@@ -149,14 +170,17 @@ def beam_search(
     alpha: float = 0.6,
     max_lens: jax.Array | None = None,
     stop_at_eos: bool = True,
+    reorder: Callable[[Cache, jax.Array], Cache] = gather_rows,
 ) -> tuple[jax.Array, jax.Array]:
   """Beam search returning (sequences [B, K, T], scores [B, K]), best first.
 
   A finished hypothesis of n tokens (EOS included) with log-probability l
   scores l / length_penalty(n, alpha). Each step takes the top 2K of the K*V
-  extensions, so that the best K non-EOS ones stay alive; EOS extensions among
-  the top K (as in a plain beam of K) compete with the finished set for its K
-  places, so beam_size=1 with alpha=0 is exactly greedy search.
+  extensions, so that the best K non-EOS ones stay alive; every EOS extension
+  among those 2K competes with the finished set for its K places (the
+  finishing rule of tensor2tensor and the Flax WMT example). So beam_size=1
+  need not equal greedy search: an EOS that was second best may finish and
+  win (where greedy ends in EOS, beam 1 never scores below it).
 
   A sentence is done when its worst finished score (-inf while fewer than K
   have finished) is >= its best alive log-prob divided by the largest penalty
@@ -179,6 +203,9 @@ def beam_search(
       max_lens[b] - 1 only EOS may be chosen, with its model log-probability.
     stop_at_eos: if False, run exactly max_len steps (for timing); the result
       is the same.
+    reorder: `reorder(cache, rows)` moves each per-beam row to where rows
+      [B*K] (new row -> old row) says; a model whose cache does not keep the
+      module doc's contract passes its own (`Transformer.reorder_cache`).
   """
   if max_lens is None:
     reachable_len = jnp.full((batch_size,), max_len, jnp.int32)
@@ -219,12 +246,13 @@ def beam_search(
                                      beam_size)  # [B, K]
     alive_seqs = _gather_beams(top_seqs, keep)  # --> [B, K, T]
     if beam_size > 1:  # With one beam the gather is the identity.
-      cache = _reorder_cache(cache, _gather_beams(top_beam, keep))
+      parent = _gather_beams(top_beam, keep)  # [B, K]
+      rows = jnp.arange(batch_size)[:, None] * beam_size + parent
+      cache = reorder(cache, rows.reshape(-1))
 
-    # EOS extensions within the top K join the finished set, which keeps K.
-    in_beam = jnp.arange(2 * beam_size)[None, :] < beam_size  # [1, 2K]
+    # EOS extensions within the top 2K join the finished set, which keeps K.
     penalty = length_penalty((s.step + 1).astype(jnp.float32), alpha)
-    new_scores = jnp.where(is_eos & in_beam, top_logp / penalty, -jnp.inf)
+    new_scores = jnp.where(is_eos, top_logp / penalty, -jnp.inf)  # [B, 2K]
     all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
     all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
     finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [B, K]

@@ -17,6 +17,7 @@ from absl import logging
 
 from configs import demo as demo_config
 from mqa_flax import benchmark
+from mqa_flax import errors
 from mqa_flax import report
 from mqa_flax import runs
 from mqa_flax import summary
@@ -80,4 +81,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

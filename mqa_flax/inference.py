@@ -11,6 +11,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from mqa_flax import data
 from mqa_flax import decoding
 from mqa_flax.tokenizer import Tokenizer
 
@@ -43,7 +44,8 @@ def search(graphdef: nnx.GraphDef, state: nnx.State, inputs_BS: jax.Array, *,
     return decoding.greedy_search(tokens_to_logits, cache, batch, max_len,
                                   eos_id, max_lens)
   seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch, beam_size,
-                                 max_len, eos_id, alpha, max_lens)
+                                 max_len, eos_id, alpha, max_lens,
+                                 reorder=model.reorder_cache)
   return seqs[:, 0]
 
 
@@ -91,7 +93,7 @@ def translate(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer,
   start_time = time.time()
   for start in tqdm(starts, desc='translating', disable=not progress):
     chunk = order[start:start + batch_size]
-    width = -(-max(len(ids[i]) for i in chunk) // 8) * 8  # Few shapes to compile.
+    width = data.bucket_width(max(len(ids[i]) for i in chunk))
     inputs = np.zeros((batch_size, width), np.int32)
     for row, i in enumerate(chunk):
       inputs[row, :len(ids[i])] = ids[i]

@@ -50,6 +50,8 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = tensorboardX.SummaryWriter(logdir) if enabled else None
     self._jsonl_path = os.path.join(logdir, METRICS_FILE)
+    if enabled:
+      _drop_partial_last_line(self._jsonl_path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes scalars (floats, numpy or jax scalars) at `step`."""
@@ -90,6 +92,21 @@ class MetricWriter:
     """Flushes and closes the TensorBoard writer."""
     if self.enabled:
       self._tb.close()
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """Cuts a last line left without its newline by a killed run, so the next
+  record does not join it."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if data.endswith(b'\n'):
+      return
+    keep = data.rfind(b'\n') + 1
+    f.truncate(keep)
+  logging.warning('%s: removed an incomplete last line (%d bytes) left by an '
+                  'interrupted run', path, len(data) - keep)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -28,7 +28,14 @@ from mqa_flax.attention import Attention
 from mqa_flax.config import ModelConfig
 
 Cache = dict[str, Any]
+_KV_LAYOUT = {'BLKH': 'BSKH', 'BKLH': 'BKSH'}  # Cache layout -> attention's.
 _normal = jax.nn.initializers.normal
+
+
+def _to_rows(x_BSKH: jax.Array) -> jax.Array:
+  """[B, S, K, H] -> [B*K, S, H], cache layout 'BKLH' as stored."""
+  b, s, k, h = x_BSKH.shape
+  return x_BSKH.transpose(0, 2, 1, 3).reshape(b * k, s, h)
 
 
 def shift_right(targets_BT: jax.Array, segmentation_BT: jax.Array) -> jax.Array:
@@ -131,18 +138,30 @@ class DecoderLayer(nnx.Module):
     return x + _dropout(self.ffn(self.ln3(x), rngs, self.rate), self.rate, rngs)
 
   def step(self, x_B1D: jax.Array, cache: Cache, index: jax.Array,
-           self_mask: jax.Array, cross_mask: jax.Array,
-           read_len: int | None) -> tuple[jax.Array, Cache]:
-    """One incremental position: writes its K/V into the cache, then attends."""
+           self_mask: jax.Array, cross_mask: jax.Array, read_len: int | None,
+           impl: str, layout: str) -> tuple[jax.Array, Cache]:
+    """One incremental position: writes its K/V into the cache, then attends.
+
+    The cache is written in place and read as it is; only a static
+    `read_len` < L slices it (the growing cache), and the full cache is read
+    with no slice at all.
+    """
     h = self.ln1(x_B1D)
     k, v = self.self_attn.project_kv(h)  # [B, 1, K, H]
-    slot = index % cache['k'].shape[1]
+    if layout == 'BKLH':  # -> [B*K, 1, H], the cache's rows.
+      k, v = _to_rows(k), _to_rows(v)
+    length = cache['k'].shape[1]  # Axis 1 is L in both layouts.
+    slot = index % length
     ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, slot, axis=1)
     cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, slot, axis=1)
-    n = ck.shape[1] if read_len is None else min(read_len, ck.shape[1])
-    x = x_B1D + self.self_attn.attend(h, ck[:, :n], cv[:, :n], self_mask)
+    rk, rv = ck, cv
+    if read_len is not None and read_len < length:
+      rk = jax.lax.slice_in_dim(ck, 0, read_len, axis=1)
+      rv = jax.lax.slice_in_dim(cv, 0, read_len, axis=1)
+    kv_layout = _KV_LAYOUT[layout]
+    x = x_B1D + self.self_attn.attend(h, rk, rv, self_mask, impl, kv_layout)
     x = x + self.cross_attn.attend(self.ln2(x), cache['cross_k'],
-                                   cache['cross_v'], cross_mask)
+                                   cache['cross_v'], cross_mask, impl, kv_layout)
     x = x + self.ffn(self.ln3(x), None, 0.0)
     return x, dict(cache, k=ck, v=cv)
 
@@ -236,20 +255,34 @@ class Transformer(nnx.Module):
     """Decode state for `encoded` [B, S, D]: empty self K/V, projected cross K/V.
 
     The self-attention rows are B * beam_size (sentence-major); the cross K/V
-    and the source mask stay at B rows, shared by a sentence's beams.
+    and the source mask stay at B rows, shared by a sentence's beams. K/V
+    arrays are [rows, L, K, H], or for cache_layout 'BKLH' [rows * K, L, H]
+    (the bytes of [rows, K, L, H]; see `attention.dot_product_attention`).
     """
     cfg = self.cfg
     rows = encoded.shape[0] * beam_size
     length = min(max_len, cfg.local_window) if cfg.local_window else max_len
     shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+    bklh = cfg.cache_layout == 'BKLH'
+    if bklh:
+      shape = (rows * cfg.num_kv_heads, length, cfg.head_dim)
     layers = []
     for layer in self.decoder:
       ck, cv = layer.cross_attn.project_kv(encoded)
+      if bklh:
+        ck, cv = _to_rows(ck), _to_rows(cv)
       layers.append(dict(k=jnp.zeros(shape, cfg.compute_dtype),
                          v=jnp.zeros(shape, cfg.compute_dtype),
                          cross_k=ck, cross_v=cv))
     return dict(index=jnp.zeros((), jnp.int32), src_mask=inputs != 0,
                 layers=layers)
+
+  def reorder_cache(self, cache: Cache, rows: jax.Array) -> Cache:
+    """Beam search's reorder: self K/V row i becomes row rows[i] (of B*beams)."""
+    k = self.cfg.num_kv_heads if self.cfg.cache_layout == 'BKLH' else 1
+    idx = (rows[:, None] * k + jnp.arange(k)[None]).reshape(-1)  # Of [B*K, ...].
+    layers = [dict(c, k=c['k'][idx], v=c['v'][idx]) for c in cache['layers']]
+    return dict(cache, layers=layers)
 
   def decode_step(self, ids_B: jax.Array, cache: Cache,
                   read_len: int | None = None) -> tuple[jax.Array, Cache]:
@@ -261,6 +294,7 @@ class Transformer(nnx.Module):
     index = cache['index']
     rows = ids_B.shape[0]
     x = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
+    cfg = self.cfg
     length = cache['layers'][0]['k'].shape[1]
     n = length if read_len is None else min(read_len, length)
     self_mask = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
@@ -270,7 +304,7 @@ class Transformer(nnx.Module):
     layers = []
     for layer, layer_cache in zip(self.decoder, cache['layers']):
       x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_mask,
-                                  read_len)
+                                  read_len, cfg.attention_impl, cfg.cache_layout)
       layers.append(layer_cache)
     logits = self.logits(self.decoder_ln(x))[:, 0]
     return logits, dict(cache, index=index + 1, layers=layers)

@@ -244,33 +244,52 @@ def pick(rows: Sequence[dict[str, Any]], kind: str,
              key=lambda r: r['us_per_token'])
 
 
-def detail_row(r: dict[str, Any]) -> list[str]:
+def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
   """Formats one benchmark row for the table of every row."""
   ids = ('variant', 'kind', 'cache', 'batch', 'src_len', 'tgt_len', 'dtype')
   b, f = r.get('bytes_per_step'), r.get('fraction_of_floor')
-  return ([DASH if r.get(k) is None else str(r[k]) for k in ids] +
+  cells = [DASH if r.get(k) is None else str(r[k]) for k in ids]
+  if with_impl and r.get('kind') not in ('train', 'encoder'):
+    cells[2] += f' {impl_label(r)}'
+  return (cells +
           [num(r.get('us_per_token')), num(r.get('compile_s')),
            DASH if b is None else f'{b / 1e6:.1f}', num(r.get('achieved_gbps')),
            num(r.get('floor_us_per_token')), DASH if f is None else f'{f:.2f}'])
 
 
+def impl_label(r: dict[str, Any]) -> str:
+  """'attention_impl/cache_layout' of a benchmark row (old rows: xla/BLKH)."""
+  return f"{r.get('attention_impl') or 'xla'}/{r.get('cache_layout') or 'BLKH'}"
+
+
 def table2(bench: Sequence[dict[str, Any]]) -> str:
-  """Returns Table 2 (speed) and the table of every benchmark row as markdown."""
+  """Returns Table 2 (speed) and the table of every benchmark row as markdown.
+
+  With decoder rows of several implementations (attention_impl/cache_layout),
+  each variant gets one line per implementation, labelled with it.
+  """
   by_variant = collections.defaultdict(list)
   for r in bench:
     by_variant[r.get('variant', DASH)].append(r)
+  decoders = [r for r in bench if r.get('kind') not in ('train', 'encoder')
+              and r.get('us_per_token') is not None]
+  labels = list(dict.fromkeys(impl_label(r) for r in decoders))
+  many = len(labels) > 1
   us = lambda r: num(r['us_per_token']) if r else DASH
   rows = []
   for variant, rs in by_variant.items():
     train = pick(rs, 'train')
-    cells, batches = [], [train['batch'] if train else DASH]
-    for kind in ('greedy', 'beam4'):
-      dec = pick(rs, kind)
-      enc = pick(rs, 'encoder', like=dec)
-      cells.append(f'{us(enc)} + {us(dec)}' if dec or enc else DASH)
-      batches.append(dec['batch'] if dec else DASH)
-    rows.append([variant, us(train)] + cells
-                + [' / '.join(str(b) for b in batches)])
+    for label in labels if many else [None]:
+      mine = [r for r in rs if label is None or impl_label(r) == label
+              or r.get('kind') in ('train', 'encoder')]
+      cells, batches = [], [train['batch'] if train else DASH]
+      for kind in ('greedy', 'beam4'):
+        dec = pick(mine, kind)
+        enc = pick(mine, 'encoder', like=dec)
+        cells.append(f'{us(enc)} + {us(dec)}' if dec or enc else DASH)
+        batches.append(dec['batch'] if dec else DASH)
+      rows.append([f'{variant} ({label})' if many else variant, us(train)]
+                  + cells + [' / '.join(str(b) for b in batches)])
   header = ['variant', 'training step (µs/token)', 'greedy enc + dec (µs/token)',
             'beam-4 enc + dec (µs/token)', 'batch (train / greedy / beam-4)']
   order = {v: i for i, v in enumerate(by_variant)}
@@ -279,7 +298,8 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
       KIND_ORDER.index(r['kind']) if r.get('kind') in KIND_ORDER else 9,
       str(r.get('cache')), r.get('batch') or 0, r.get('src_len') or 0,
       r.get('tgt_len') or 0))
-  detail_rows = [detail_row(r) for r in detail]
+  detail_rows = [detail_row(r, many) for r in detail
+                 if r.get('us_per_token') is not None]
   devices = sorted({str(r['device']) for r in bench if r.get('device')})
   dates = sorted({str(r['date']) for r in bench if r.get('date')})
   return (
@@ -328,14 +348,18 @@ def plot_bleu(groups: dict[str, list[Run]], path: str) -> bool:
 
 
 def plot_decode(bench: Sequence[dict[str, Any]], path: str) -> bool:
-  """Plots greedy decoder µs/token against batch, floor dashed; False if no data."""
+  """Plots greedy decoder µs/token against batch with its memory floor (dashed)
+  and compute floor (dotted); False if no data."""
   curves = collections.defaultdict(dict)
-  for r in bench:
-    if r.get('kind') == 'greedy' and r.get('us_per_token') and r.get('batch'):
-      key = (r.get('variant'), r.get('cache'))
-      old = curves[key].get(r['batch'])
-      if old is None or r['us_per_token'] < old['us_per_token']:
-        curves[key][r['batch']] = r
+  greedy = [r for r in bench if r.get('kind') == 'greedy'
+            and r.get('us_per_token') and r.get('batch')]
+  many = len({impl_label(r) for r in greedy}) > 1
+  for r in greedy:  # One curve per variant and cache mode (and implementation).
+    cache = f"{r.get('cache') or DASH} {impl_label(r)}" if many else r.get('cache')
+    key = (r.get('variant'), cache)
+    old = curves[key].get(r['batch'])
+    if old is None or r['us_per_token'] < old['us_per_token']:
+      curves[key][r['batch']] = r
   if not curves:
     return False
   fig = Figure(figsize=(6.5, 4.5))
@@ -353,11 +377,15 @@ def plot_decode(bench: Sequence[dict[str, Any]], path: str) -> bool:
              if pts[x].get('floor_us_per_token')]
     if floor:
       ax.plot(*zip(*floor), '--', color=colors[variant], alpha=0.6)
+    compute = [(x, pts[x]['compute_floor_us_per_token']) for x in b
+               if pts[x].get('compute_floor_us_per_token')]
+    if compute:
+      ax.plot(*zip(*compute), ':', color=colors[variant], alpha=0.6)
   ax.set_xscale('log')
   ax.set_yscale('log')
   ax.set_xlabel('batch (sequences)')
   ax.set_ylabel('decoder µs per output token')
-  ax.set_title('Greedy decoding (dashed: memory-bandwidth floor)')
+  ax.set_title('Greedy decoding (dashed: memory floor, dotted: compute floor)')
   ax.legend(fontsize='small')
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -13,6 +13,7 @@ import ml_collections
 from mqa_flax import bleu as bleu_lib
 from mqa_flax import checkpoint as ckpt_lib
 from mqa_flax import data
+from mqa_flax import errors
 from mqa_flax import metrics as metrics_lib
 from mqa_flax import train_lib
 from mqa_flax.config import ModelConfig
@@ -29,11 +30,19 @@ class Run:
   graphdef: nnx.GraphDef
   params: nnx.State
   step: int
+  checkpoint: str = 'latest'  # 'best' (lowest dev ln(PPL)) or 'latest'.
+  dev_ln_ppl: float | None = None  # Of the best checkpoint.
 
 
 def restore(workdir: str, step: int | None = None,
-            expected: ml_collections.ConfigDict | None = None) -> Run:
-  """Restores a workdir's checkpoint (latest unless `step`), vocab and config."""
+            expected: ml_collections.ConfigDict | None = None,
+            best: bool = True) -> Run:
+  """Restores a workdir's parameters, vocabulary and config.
+
+  Without `step`: the best parameters on dev (`<workdir>/best`) if `best` and
+  the run saved any, else the latest train checkpoint. With `step`: that train
+  checkpoint. Only the parameters are restored, never the optimizer state.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir} holds no config.json: is it a trained workdir?')
@@ -46,16 +55,39 @@ def restore(workdir: str, step: int | None = None,
     raise FileNotFoundError(f'{workdir} holds no vocabulary (spm.model)')
   tokenizer = Tokenizer(spm)
   cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  graphdef = train_lib.model_graphdef(cfg)
+  abstract = train_lib.abstract_params(cfg)
+  record = ckpt_lib.read_best(workdir) if best and step is None else None
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+  saved = ', '.join(map(str, ckpt.manager.all_steps())) or 'none'
+  if record:
+    try:
+      params = ckpt_lib.restore_params(workdir, abstract, record['step'],
+                                       record.get('fingerprint'))
+    except ckpt_lib.CheckpointDamaged as e:
+      raise ckpt_lib.CheckpointDamaged(
+          f'{e}; decode a train checkpoint instead with --step=STEP (saved: '
+          f'{saved})', e.step) from e
+    ckpt.close()
+    logging.info('restored %s: best on dev at step %d (ln(PPL) %.4f)', workdir,
+                 record['step'], record['dev_ln_ppl'])
+    return Run(workdir, config, tokenizer, graphdef, params, record['step'],
+               'best', record['dev_ln_ppl'])
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint: train first')
-  tx = train_lib.make_optimizer(config.opt, config.num_train_steps)
-  graphdef, abstract = train_lib.abstract_state(cfg, tx, config.seed)
-  state = ckpt.restore_state(abstract, step)
-  ckpt.close()
+  if step not in ckpt.manager.all_steps():
+    raise ckpt_lib.UserError(f'{workdir}/checkpoints holds no step {step}: pick '
+                             f'one with --step (saved: {saved})')
+  try:
+    params = ckpt.restore_params(abstract, step)
+  except ckpt_lib.CheckpointDamaged as e:
+    raise ckpt_lib.CheckpointDamaged(
+        f'{e}; pick another with --step=STEP (saved: {saved})', e.step) from e
+  finally:
+    ckpt.close()
   logging.info('restored %s at step %d', workdir, step)
-  return Run(workdir, config, tokenizer, graphdef, state.params, step)
+  return Run(workdir, config, tokenizer, graphdef, params, step)
 
 
 def translate_run(run: Run, sentences: Sequence[str], beam_size: int | None = None,
@@ -79,7 +111,9 @@ def score_split(run: Run, split: str, beam_size: int, name: str | None = None,
 
   `split` is 'dev', 'test' (the config's) or a split spec of the data source.
   Hypotheses go to `hyps/<name>.<search>.txt`, the score to bleu.json under
-  `<name>/<search>` and to TensorBoard as `decode/<name>_<search>_bleu`.
+  `<name>/<search>` and to TensorBoard as `decode/<name>_<search>_bleu`. If
+  these cannot be written (a read-only workdir), the entry's `not_written`
+  says why and the score is still returned.
   """
   spec = {'dev': run.config.data.dev_split,
           'test': run.config.data.test_split}.get(split, split)
@@ -88,16 +122,25 @@ def score_split(run: Run, split: str, beam_size: int, name: str | None = None,
   scores = bleu_lib.bleu_scores(hyps, references)
   name = name or split.replace('/', '_')
   search = 'greedy' if beam_size == 1 else f'beam{beam_size}'
-  os.makedirs(os.path.join(run.workdir, 'hyps'), exist_ok=True)
-  with open(os.path.join(run.workdir, 'hyps', f'{name}.{search}.txt'), 'w') as f:
-    f.writelines(h + '\n' for h in hyps)
   entry = {'bleu_13a': scores['bleu_13a'], 'bleu_intl': scores['bleu_intl'],
            'bleu_13a_lc': scores['bleu_13a_lc'],
            'signature_13a': scores['bleu_13a_signature'],
            'signature_intl': scores['bleu_intl_signature'],
            'num_sentences': scores['num_sentences'], 'checkpoint_step': run.step,
+           'checkpoint': run.checkpoint, 'dev_ln_ppl': run.dev_ln_ppl,
            'split': spec, 'beam_size': beam_size,
            'date': datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  try:
+    _record_score(run, name, search, hyps, entry)
+  except OSError as e:
+    return dict(entry, not_written=errors.one_line(e))
+  return entry
+
+
+def _record_score(run: Run, name: str, search: str, hyps: list[str], entry: dict) -> None:
+  os.makedirs(os.path.join(run.workdir, 'hyps'), exist_ok=True)
+  with open(os.path.join(run.workdir, 'hyps', f'{name}.{search}.txt'), 'w') as f:
+    f.writelines(h + '\n' for h in hyps)
   path = os.path.join(run.workdir, 'bleu.json')
   table = {}
   if os.path.exists(path):
@@ -109,4 +152,3 @@ def score_split(run: Run, split: str, beam_size: int, name: str | None = None,
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.write_scalars(run.step, {f'decode/{name}_{search}_bleu': entry['bleu_13a']})
   writer.close()
-  return entry

@@ -13,11 +13,11 @@ import json
 import math
 import sys
 
-from absl import app
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from mqa_flax import errors
 from mqa_flax.config import ModelConfig
 from mqa_flax.model import Transformer
 
@@ -120,7 +120,10 @@ def main(argv):
   f = flags.FLAGS
   if f.config is None:
     sys.exit('error: --config is required, e.g. --config=configs/paper.py:mqa')
-  cfg = ModelConfig.from_config(f.config.model, f.config.data.vocab_size)
+  try:
+    cfg = ModelConfig.from_config(f.config.model, f.config.data.vocab_size)
+  except ValueError as e:
+    raise errors.UserError(f'{e} (fix the --config.model values)') from e
   stats = analyze(cfg, f.batch, f.src_len, f.tgt_len, f.beam_size)
   stats = {'variant': f.config.variant, **stats}
   print(json.dumps(stats, indent=1) if f.json else format_table(stats))
@@ -134,4 +137,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('tgt_len', 128, 'Target length (tokens).')
   flags.DEFINE_integer('beam_size', 1, 'Beams per sentence.')
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-  app.run(main)
+  errors.run(main)

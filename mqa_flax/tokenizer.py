@@ -9,6 +9,8 @@ import re
 import numpy as np
 import sentencepiece as spm
 
+from mqa_flax.errors import UserError
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -90,11 +92,11 @@ def _vocab_error(e: RuntimeError, vocab_size: int) -> Exception:
   message = str(e)
   too_high = re.search(r'Vocabulary size (?:is )?too high.*?<=\s*(\d+)', message)
   if too_high:
-    return ValueError(f'vocab_size={vocab_size} is more than the training text '
+    return UserError(f'vocab_size={vocab_size} is more than the training text '
                       f'supports (max {too_high.group(1)}); lower data.vocab_size')
   too_small = re.search(r'smaller than required_chars\. (\d+) vs (\d+)', message)
   if too_small:
-    return ValueError(f'vocab_size={vocab_size} is less than the {too_small.group(2)} '
+    return UserError(f'vocab_size={vocab_size} is less than the {too_small.group(2)} '
                       'characters and special ids of the training text; '
                       'raise data.vocab_size')
   last_line = message.strip().splitlines()[-1]

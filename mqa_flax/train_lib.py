@@ -33,6 +33,7 @@ from mqa_flax import inference
 from mqa_flax import metrics as metrics_lib
 from mqa_flax import summary
 from mqa_flax.config import ModelConfig
+from mqa_flax.errors import Stopped, UserError
 from mqa_flax.model import Transformer
 
 
@@ -54,7 +55,7 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     cosine = optax.warmup_cosine_decay_schedule(0.0, peak, warmup,
                                                 max(total_steps, warmup + 1))
     return lambda step: cosine(step + 1)
-  raise ValueError(f"opt.schedule={opt.schedule!r}; expected 'rsqrt' or 'cosine'")
+  raise UserError(f"opt.schedule={opt.schedule!r}; expected 'rsqrt' or 'cosine'")
 
 
 def make_optimizer(opt: ml_collections.ConfigDict,
@@ -67,7 +68,7 @@ def make_optimizer(opt: ml_collections.ConfigDict,
     tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=1e-9,
                      weight_decay=opt.weight_decay)
   else:
-    raise ValueError(f"opt.optimizer={opt.optimizer!r}; expected 'adafactor' or 'adamw'")
+    raise UserError(f"opt.optimizer={opt.optimizer!r}; expected 'adafactor' or 'adamw'")
   return optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx) if opt.grad_clip else tx
 
 
@@ -96,10 +97,14 @@ def _forward_sums(graphdef, params, batch, label_smoothing, rngs=None):
                                   'correct': correct.sum()}
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               label_smoothing: float, rng: jax.Array) -> tuple[TrainState, dict]:
-  """One optimizer step on the mean per-token loss; returns sums for logging."""
+               label_smoothing: float) -> tuple[TrainState, dict]:
+  """One optimizer step on the mean per-token loss; returns sums for logging.
+
+  `rng` (the run's dropout key, folded with the step) is an argument rather
+  than a constant, so that runs with different seeds share one executable.
+  """
   dropout_key = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
@@ -122,30 +127,67 @@ def eval_step(params: nnx.State, batch: dict[str, jax.Array], *,
   return dict(aux, loss_sum=loss_sum)
 
 
-def _init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
-  def init():
-    params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=seed)), nnx.Param)
+def _init_fn(cfg: ModelConfig, tx: optax.GradientTransformation):
+  def init(seed):  # Traced, so that every seed shares one executable.
+    params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))),
+                       nnx.Param)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   return init
 
 
-def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+def _replicated(tree: Any, mesh: Mesh | None) -> Any:
+  sharding = NamedSharding(mesh or Mesh(np.array(jax.devices()), ('data',)), P())
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
+  """The model's graph (structure without arrays), built without allocating."""
+  return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
+  """Replicated shapes of the parameters alone (for restoring to decode)."""
+  shapes = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))),
+                     nnx.Param)
+  return _replicated(shapes, mesh)
+
+
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation,
                    mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """The graph and the replicated shapes of a train state (for restoring)."""
-  mesh = mesh or Mesh(np.array(jax.devices()), ('data',))
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  replicated = NamedSharding(mesh, P())
-  shapes = jax.eval_shape(_init_fn(cfg, tx, seed))
-  return graphdef, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+  shapes = jax.eval_shape(_init_fn(cfg, tx), jnp.zeros((), jnp.int32))
+  return model_graphdef(cfg), _replicated(shapes, mesh)
 
 
 def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
                  mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises parameters and optimizer state directly in replicated layout."""
-  graphdef, shapes = abstract_state(cfg, tx, seed, mesh)
+  graphdef, shapes = abstract_state(cfg, tx, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, shapes)
-  return graphdef, jax.jit(_init_fn(cfg, tx, seed), out_shardings=shardings)()
+  init = jax.jit(_init_fn(cfg, tx), out_shardings=shardings)
+  return graphdef, init(jnp.asarray(seed, jnp.int32))
+
+
+def training_length(config: ml_collections.ConfigDict,
+                    steps_per_epoch: int) -> tuple[int, int]:
+  """(train steps, warmup steps) from the config and the data.
+
+  `num_epochs > 0` sets the length in passes over the training data (steps
+  rounded up), else `num_train_steps` does; `opt.warmup_fraction > 0` sets
+  the warmup as that fraction of the steps, else `opt.warmup_steps` does.
+  """
+  if config.num_epochs < 0 or config.opt.warmup_fraction < 0:
+    raise UserError(f'num_epochs={config.num_epochs} and opt.warmup_fraction='
+                     f'{config.opt.warmup_fraction} must be >= 0')
+  total = (math.ceil(config.num_epochs * steps_per_epoch) if config.num_epochs
+           else config.num_train_steps)
+  if total < 1:
+    raise UserError(f'training would run {total} steps: set num_train_steps or '
+                     'num_epochs to a positive value')
+  warmup = (max(1, round(config.opt.warmup_fraction * total))
+            if config.opt.warmup_fraction else config.opt.warmup_steps)
+  return total, warmup
 
 
 def gather_data_states(state: dict[str, int]) -> list[dict[str, int]]:
@@ -163,10 +205,26 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins a multi-process job when the environment describes one (once)."""
-  if (os.environ.get('JAX_COORDINATOR_ADDRESS') or int(
-      os.environ.get('JAX_NUM_PROCESSES', '1')) > 1) and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  """Joins a multi-process job when the environment describes one (once).
+
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID describe the job (jax itself reads only the first; on
+  SLURM or a TPU pod it can find all three alone). A process that sends no
+  heartbeat for JAX_HEARTBEAT_TIMEOUT_SECONDS (default 100) counts as dead:
+  the others then exit with an error instead of waiting for it forever. At
+  exit a process waits JAX_SHUTDOWN_TIMEOUT_SECONDS (default 300) for the
+  others to exit too.
+  """
+  env = os.environ
+  num_processes = int(env.get('JAX_NUM_PROCESSES') or 0)
+  if jax.distributed.is_initialized() or not (
+      env.get('JAX_COORDINATOR_ADDRESS') or num_processes > 1):
+    return
+  jax.distributed.initialize(
+      num_processes=num_processes or None,
+      process_id=int(env['JAX_PROCESS_ID']) if env.get('JAX_PROCESS_ID') else None,
+      heartbeat_timeout_seconds=int(env.get('JAX_HEARTBEAT_TIMEOUT_SECONDS') or 100),
+      shutdown_timeout_seconds=int(env.get('JAX_SHUTDOWN_TIMEOUT_SECONDS') or 300))
 
 
 class _StopSignal:
@@ -222,47 +280,83 @@ def dev_bleu(config, graphdef, params, tokenizer, sources, references) -> tuple[
   return bleu_lib.bleu_scores(hyps, references), hyps
 
 
+def _last_good(ckpt: ckpt_lib.Checkpointer) -> str:
+  step = ckpt.latest_step()
+  if step is None:
+    return f'No checkpoint was saved yet in {ckpt.directory}.'
+  return f'The last good checkpoint (step {step}) is kept in {ckpt.directory}.'
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains per `config`, resuming from the latest checkpoint in `workdir`."""
+  """Trains per `config`, resuming from the newest intact checkpoint in `workdir`.
+
+  Holds `<workdir>/train.lock` (process 0) while it runs; raises
+  `errors.Stopped` after saving a checkpoint when stopped by SIGTERM/SIGINT.
+  """
   maybe_initialize_distributed()
+  with ckpt_lib.workdir_lock(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   primary = jax.process_index() == 0
   config_dict = config.to_dict()
   ckpt_lib.check_same_architecture(workdir, config_dict)
   # Bad model settings fail here, before the vocabulary is trained.
-  ModelConfig.from_config(config.model, config.data.vocab_size)
+  try:
+    ModelConfig.from_config(config.model, config.data.vocab_size)
+  except ValueError as e:
+    raise UserError(f'{e} (fix the --config.model values)') from e
   longest = max(config.data.max_len, config.data.max_eval_len)
   if longest > config.model.max_len:
-    raise ValueError(f'data.max_len/max_eval_len={longest} exceeds model.max_len='
+    raise UserError(f'data.max_len/max_eval_len={longest} exceeds model.max_len='
                      f'{config.model.max_len} (the positional embedding table)')
+  training_length(config, 1)  # Bad lengths fail before any work too.
   tokenizer = data.get_tokenizer(config.data, workdir, is_primary=primary)
   cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  train_ex = data.tokenize_split(config.data, config.data.train_split, tokenizer, workdir)
+  dev_ex = data.tokenize_split(config.data, config.data.dev_split, tokenizer, workdir)
+  batches = data.PackedBatches(train_ex, config.data.batch_size, config.data.max_len,
+                               config.seed, jax.process_index(), jax.process_count())
+  steps_per_epoch = batches.steps_per_epoch()
+  if jax.process_count() > 1:  # Shares pack differently; all must run as many steps.
+    steps_per_epoch = int(np.max(multihost_utils.process_allgather(np.int32(steps_per_epoch))))
+  total, warmup = training_length(config, steps_per_epoch)
+  with config.unlocked():  # config.json records the resolved lengths.
+    config.num_train_steps, config.opt.warmup_steps = total, warmup
+  config_dict = config.to_dict()
+  logging.info('training %d steps (%.2f epochs of %d steps), warmup %d', total,
+               total / steps_per_epoch, steps_per_epoch, warmup)
   if primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config_dict, f, indent=2)
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary.analyze(cfg, 1, config.data.max_len, config.data.max_len), f, indent=1)
-  train_ex = data.tokenize_split(config.data, config.data.train_split, tokenizer, workdir)
-  dev_ex = data.tokenize_split(config.data, config.data.dev_split, tokenizer, workdir)
 
   mesh = Mesh(np.array(jax.devices()), ('data',))
   batch_sharding = NamedSharding(mesh, P('data'))
-  total = config.num_train_steps
   tx = make_optimizer(config.opt, total)
   graphdef, state = create_state(cfg, tx, config.seed, mesh)
   logging.info('model: %s, %d parameters on %d devices', cfg,
                summary.param_groups_total(cfg), jax.device_count())
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-  batches = data.PackedBatches(train_ex, config.data.batch_size, config.data.max_len,
-                               config.seed, jax.process_index(), jax.process_count())
-  if ckpt.latest_step() is not None:
-    state, data_states = ckpt.restore(state)
+  best = ckpt_lib.BestParams(workdir)
+  restored = ckpt.restore_intact(state)  # Damaged checkpoints: the one before.
+  if restored is not None:
+    state, data_states = restored
+    if len(data_states) != jax.process_count():  # Each process resumes its own share.
+      raise UserError(
+          f'the checkpoint at step {int(state.step)} in {workdir} was written by '
+          f'{len(data_states)} process(es) and this run has {jax.process_count()}: '
+          f'resume with {len(data_states)} (JAX_NUM_PROCESSES), or start a new --workdir')
     batches.set_state(data_states[jax.process_index()])
     logging.info('resumed from step %d', int(state.step))
   step = int(state.step)
 
   p_train = jax.jit(functools.partial(
-      train_step, graphdef=graphdef, tx=tx, label_smoothing=config.opt.label_smoothing,
-      rng=jax.random.key(config.seed)), donate_argnums=0)
+      train_step, graphdef=graphdef, tx=tx, label_smoothing=config.opt.label_smoothing),
+      donate_argnums=0)
+  dropout_rng = jax.random.key(config.seed)
   p_eval = jax.jit(functools.partial(
       eval_step, graphdef=graphdef, label_smoothing=config.opt.label_smoothing))
   schedule = make_schedule(config.opt, total)
@@ -273,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   dev_text = data.read_split(config.data, config.data.dev_split) if config.bleu_every else None
 
   batches = data.Prefetch(batches, config.data.prefetch)
-  acc, pending = {}, None
+  acc, pending, stopped = {}, None, None
   last_log, last_wait = time.time(), 0.0
 
   def record(step_metrics):  # Host side: NaN guard and accumulation.
@@ -283,8 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if not (math.isfinite(loss) and math.isfinite(float(m['grad_norm']))):
       raise FloatingPointError(
           f'train loss {loss}, gradient norm {float(m["grad_norm"])} at step {s}; '
-          f'stopping. The last good checkpoint (step {ckpt.latest_step()}) is '
-          f'kept in {workdir}/checkpoints')
+          'stopping. ' + _last_good(ckpt))
     for k, v in m.items():
       acc[k] = acc.get(k, 0.0) + float(v)
     acc['steps'] = acc.get('steps', 0) + 1
@@ -295,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         batch = jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
             next(batches))
-        state, m = p_train(state, batch)
+        state, m = p_train(state, batch, dropout_rng)
         step += 1
         if pending is not None:
           record(pending)
@@ -332,6 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             scalars = evaluate(p_eval, state.params, dev_ex, config.data.eval_batch_size)
             writer.write_scalars(step, scalars)
             logging.info('step %d: dev ln(PPL) %.4f', step, scalars['eval/ln_ppl'])
+            if best.offer(step, scalars['eval/ln_ppl'], state.params):
+              logging.info('step %d: best dev ln(PPL) so far; parameters saved '
+                           'in %s', step, best.directory)
           if boundary(config.bleu_every):
             scores, hyps = dev_bleu(config, graphdef, state.params, tokenizer, *dev_text)
             writer.write_scalars(step, {'eval/bleu': scores['bleu_13a']})
@@ -344,16 +440,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if not all_finite(state.params):
               raise FloatingPointError(
                   f'parameters are not finite at step {step}; stopping without '
-                  f'saving. The last good checkpoint (step {ckpt.latest_step()}) '
-                  f'is kept in {workdir}/checkpoints')
+                  'saving. ' + _last_good(ckpt))
             ckpt.save(step, state, gather_data_states(batches.get_state()), force=True)
           writer.flush()
         last_log += time.time() - paused_from  # Eval and saving are not training time.
       if stop.signum is not None:
-        logging.warning('stopped by signal %d at step %d; checkpoint saved, rerun '
-                        'the same command to resume', stop.signum, step)
+        stopped = (f'stopped by signal {stop.signum} at step {step}; checkpoint '
+                   'saved, rerun the same command to resume')
+        logging.warning(stopped)
   finally:
     batches.close()
     ckpt.close()
+    best.close()
     writer.close()
+  if stopped:
+    raise Stopped(stopped)
   return state

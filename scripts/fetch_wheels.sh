@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ (git-ignored) the wheels that the GPU image lacks, for
-# scripts/gpu_job.sh to install there without network access:
+# scripts/gpu_job.py to install there without network access:
 #   bash scripts/fetch_wheels.sh
 # The image (Python 3.12, x86-64) has everything else, these wheels' own
 # requirements included (absl-py, PyYAML, numpy, packaging, protobuf): the

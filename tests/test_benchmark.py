@@ -22,7 +22,7 @@ REQUIRED = ('variant', 'kind', 'cache', 'batch', 'src_len', 'tgt_len',
             'flops_per_token', 'compute_floor_us_per_token',
             'fraction_of_compute_floor', 'device_gbps', 'device_tflops',
             'platform', 'jax_version', 'median_s', 'reps', 'command',
-            'git_commit')
+            'git_commit', 'attention_impl', 'cache_layout')
 DECODERS = (('greedy', 'padded'), ('greedy', 'growing'), ('beam4', 'padded'))
 
 
@@ -67,6 +67,8 @@ def test_every_row_has_every_field_with_sane_values(bench):
     if r['kind'] in ('encoder', 'train'):  # Traffic not modelled.
       assert all(r[f] is None for f in memory)
       continue
+    assert r['loop_cache_copy_bytes_per_step'] >= 0
+    assert r['loop_bytes_by_kind'].get('dynamic-update-slice', 0) > 0
     for f in memory + ('kv_cache_bytes',):
       assert 0 < r[f] < math.inf, (r['kind'], f, r[f])
     floor = r['bytes_per_step'] / r['batch'] / (r['device_gbps'] * 1e3)
@@ -100,7 +102,80 @@ def test_outputs(bench):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
 
 
-def test_growing_decode_gives_the_same_tokens_as_greedy_search():
+def _toy_loop(keep_old: bool) -> str:
+  """Compiled HLO of a cache-update loop; keeping the old cache needs a copy."""
+  def f(cache):
+    def body(i, carry):
+      cur, old = carry
+      new = jax.lax.dynamic_update_slice_in_dim(
+          cur, jnp.full((B, 1, 8), i, cur.dtype), i, axis=1)
+      return new, cur if keep_old else old
+    return jax.lax.fori_loop(0, T, body, (cache, jnp.zeros_like(cache)))
+  cache = jnp.zeros((B, T, 8))
+  return jax.jit(f, donate_argnums=0).lower(cache).compile().as_text()
+
+
+def test_loop_traffic_sees_a_copy_per_step():
+  leaf = B * T * 8 * 4
+  copied = benchmark.loop_traffic(_toy_loop(keep_old=True), leaf)
+  assert benchmark.cache_copy_bytes(copied) >= leaf, copied
+  in_place = benchmark.loop_traffic(_toy_loop(keep_old=False), leaf)
+  assert benchmark.cache_copy_bytes(in_place) == 0, in_place
+  assert in_place.get('dynamic-update-slice', 0) >= leaf, in_place
+
+
+def test_loop_traffic_classifies_fusions_by_their_root():
+  hlo = """HloModule m
+%fused_computation (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}
+}
+%fused_dus (p: f32[4,8], u: f32[4,1], i: s32[]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %d = f32[4,8]{1,0} dynamic-update-slice(%p, %u, %z, %i)
+}
+%body (s: (f32[4,8])) -> (f32[4,8]) {
+  %s = (f32[4,8]{1,0}) parameter(0)
+  %g = f32[4,8]{1,0} get-tuple-element(%s), index=0
+  %copy_dynamic-update-slice_fusion = f32[4,8]{1,0} fusion(%g), kind=kLoop, calls=%fused_dus
+  %copy_fusion = f32[8,4]{1,0} fusion(%g), kind=kLoop, calls=%fused_computation
+  %small = f32[4]{0} copy(%x)
+  ROOT %r = (f32[4,8]{1,0}) tuple(%copy_dynamic-update-slice_fusion)
+}
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %w = (f32[4,8]{1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+  assert benchmark.loop_traffic(hlo, 128) == {'dynamic-update-slice': 128,
+                                                'transpose': 128}
+
+
+def greedy_decoder_traffic(k: int, layout: str, beams: int = 1) -> dict:
+  """loop_traffic of the compiled benchmark decoder, N = 8, cache > weights."""
+  b, s, t = 64, 12, 16  # A K=1 cache leaf outweighs activations and weights.
+  cfg = ModelConfig(vocab_size=64, num_encoder_layers=1, num_decoder_layers=1,
+                    d_model=32, d_ff=64, num_heads=8, num_kv_heads=k,
+                    head_dim=16, max_len=32, dropout_rate=0.0,
+                    cache_layout=layout)
+  graphdef, params = nnx.split(benchmark.Transformer(cfg, rngs=nnx.Rngs(0)),
+                               nnx.Param)
+  inputs = jnp.ones((b, s), jnp.int32)
+  cache = jax.eval_shape(lambda p: benchmark._encode(graphdef, p, inputs, t,
+                                                      beams), params)
+  leaf = min(x.size * x.dtype.itemsize for layer in cache['layers']
+             for x in layer.values())
+  hlo = jax.jit(benchmark.decode_fn(graphdef, b, beams, t, None)).lower(
+      params, cache).compile().as_text()
+  return benchmark.loop_traffic(hlo, leaf)
+
+
+@pytest.mark.parametrize('k', [1, 2, 8])
+def test_greedy_decode_loop_updates_cache_in_place_and_copies_nothing(k):
+  traffic = greedy_decoder_traffic(k, 'BKLH')
+  assert set(traffic) == {'dynamic-update-slice'}, traffic
+
+
+def test_growing_decode_gives_the_same_tokens_as_padded():
   cfg = tiny(1)  # The read_len path is the same for every K.
   graphdef, params = nnx.split(benchmark.Transformer(cfg, rngs=nnx.Rngs(1)))
   inputs = jax.random.randint(jax.random.key(2), (B, S), 1, cfg.vocab_size)
@@ -109,52 +184,28 @@ def test_growing_decode_gives_the_same_tokens_as_greedy_search():
   def decode(params, inputs):
     model = nnx.merge(graphdef, params)
     cache = model.init_cache(model.encode(inputs), inputs, T)
-    ref = decoding.greedy_search(model.decode_step, cache, B, T, eos_id=-1,
-                                 stop_at_eos=False)
-    padded, _ = benchmark.greedy_tokens(model, cache, T)
-    growing, final = benchmark.greedy_tokens(model, cache, T, chunk=3)
-    return ref, padded, growing, final['index']
+    padded = decoding.greedy_search(model.decode_step, cache, B, T, eos_id=-1,
+                                    stop_at_eos=False)
+    growing = decoding.greedy_search(model.decode_step, cache, B, T, eos_id=-1,
+                                     stop_at_eos=False, chunk=3)
+    return padded, growing
 
-  ref, padded, growing, index = jax.device_get(decode(params, inputs))
-  assert len(np.unique(ref)) > 2  # Not a degenerate constant output.
-  np.testing.assert_array_equal(padded, ref)
-  np.testing.assert_array_equal(growing, ref)
-  assert index == T
+  padded, growing = jax.device_get(decode(params, inputs))
+  assert len(np.unique(padded)) > 2  # Not a degenerate constant output.
+  np.testing.assert_array_equal(growing, padded)
 
 
-def _toy_loop(keep_old: bool) -> str:
-  """Compiled HLO of a cache-update loop; keeping the old cache needs a copy."""
-  def f(cache):
-    def body(i, carry):
-      cur, old = carry
-      new = jax.lax.dynamic_update_slice_in_dim(
-          cur, jnp.full((B, 1, 1, 8), i, cur.dtype), i, axis=1)
-      return new, cur if keep_old else old
-    return jax.lax.fori_loop(0, T, body, (cache, jnp.zeros_like(cache)))
-  cache = jnp.zeros((B, T, 1, 8))
-  return jax.jit(f, donate_argnums=0).lower(cache).compile().as_text()
-
-
-def test_loop_copy_detector_sees_a_copy_per_step():
-  shape = [(B, T, 1, 8)]
-  assert benchmark.loop_copy_bytes(_toy_loop(keep_old=True), shape) >= B * T * 8 * 4
-  assert benchmark.loop_copy_bytes(_toy_loop(keep_old=False), shape) == 0
-
-
-def test_mha_decode_loop_updates_cache_in_place(bench):
-  rows = by_key(bench[1])
-  for cache in ('padded', 'growing'):
-    assert rows[('mha', 'greedy', cache)]['loop_copy_bytes_per_step'] == 0
-
-
-@pytest.mark.xfail(jax.default_backend() == 'cpu', strict=True,
-                   reason='XLA:CPU copies K=1 cache leaves in the loop body: it '
-                   'fuses the update with the reshape dropping the unit K axis '
-                   'for the dot, so the update is not in place')
-def test_mqa_decode_loop_updates_cache_in_place(bench):
-  rows = by_key(bench[1])
-  for cache in ('padded', 'growing'):
-    assert rows[('mqa', 'greedy', cache)]['loop_copy_bytes_per_step'] == 0
+def test_failing_impl_gives_an_error_row_and_the_others_run(tmp_path):
+  emitted = []
+  rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
+                       kinds=('greedy',), cache_modes=('padded',), reps=1,
+                       impls=benchmark.parse_impls(['nope/BLKH', 'xla/BKLH']),
+                       emit=emitted.append)
+  assert emitted == rows and len(rows) == 2
+  assert rows[0]['us_per_token'] is None and 'nope' in rows[0]['error']
+  assert rows[1]['us_per_token'] > 0 and rows[1]['cache_layout'] == 'BKLH'
+  text = benchmark.write_outputs(rows, str(tmp_path), 'pytest')
+  assert '### Errors' in text and 'nope/BLKH' in text
 
 
 def test_trained_state_is_not_donated_and_bad_kinds_raise():

@@ -13,6 +13,7 @@ import pytest
 from configs import base as base_config
 from mqa_flax import data
 from mqa_flax import tokenizer as tokenizer_lib
+from mqa_flax.errors import UserError
 
 _REAL_DATA = os.environ.get(
     'MQA_FLAX_DATA', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
@@ -231,7 +232,7 @@ def test_numbers_source_direction_and_splits():
 
 def test_tfds_source_without_tfds(monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
-  with pytest.raises(ImportError, match=r"needs the 'wmt' extra.*data.source='text'"):
+  with pytest.raises(UserError, match=r"needs the 'wmt' extra.*data.source='text'"):
     data.read_split(_cfg(source='tfds'), 'train')
 
 
@@ -260,7 +261,7 @@ def test_tfds_source_not_prepared(monkeypatch):
 
   monkeypatch.setattr(tfds, 'data_source', fail)
   message = r"not prepared .* could not be downloaded .*data.source='text'"
-  with pytest.raises(RuntimeError, match=message) as e:
+  with pytest.raises(UserError, match=message) as e:
     data.read_split(_cfg(source='tfds'), 'train')
   assert '\n' not in str(e.value)
 

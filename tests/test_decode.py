@@ -87,15 +87,21 @@ def test_benchmark_mode_over_variants(tmp_path):
   out = _decode('--mode=benchmark', '--config=configs/paper.py:mha,tiny',
                 '--config.model.dtype=float32', '--variants=mha,mqa',
                 f'--out={tmp_path}', '--bench_batch=2,1', '--bench_src_len=8',
-                '--bench_tgt_len=8', '--bench_reps=1', '--bench_kinds=encoder,greedy')
+                '--bench_tgt_len=8', '--bench_reps=1', '--bench_kinds=encoder,greedy',
+                '--bench_impls=xla/BKLH,cudnn')
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / 'benchmark.jsonl')]
   assert {(r['variant'], r['kind'], r['batch']) for r in rows} == {
       (v, k, b) for v in ('mha', 'mqa') for k in ('encoder', 'greedy') for b in (1, 2)}
   assert all(r['dtype'] == 'float32' for r in rows)
+  greedy = [r for r in rows if r['kind'] == 'greedy']
+  assert {(r['attention_impl'], r['cache_layout']) for r in greedy} == {
+      ('xla', 'BKLH'), ('cudnn', 'BLKH')}
+  # cuDNN is not on CPU: its rows are errors, and the run went on without them.
+  assert all(('error' in r) == (r['attention_impl'] == 'cudnn') for r in greedy)
   # paper.py's tiny MQA keeps one K/V head of eight: an eighth of the K/V
   # (the source mask and the index are the same in both).
-  cache = {r['variant']: r['kv_cache_bytes'] for r in rows
-           if r['kind'] == 'greedy' and r['batch'] == 2}
+  cache = {r['variant']: r['kv_cache_bytes'] for r in greedy
+           if r['batch'] == 2 and 'error' not in r}
   assert 7.9 < cache['mha'] / cache['mqa'] < 8
   assert '| mqa |' in (tmp_path / 'table2.md').read_text()

@@ -180,19 +180,77 @@ def test_greedy_matches_stepwise_argmax():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_beam1_is_greedy(seed):
+def test_beam1_never_scores_below_greedy(seed):
+  # Beam 1 need not equal greedy: an EOS ranked second may finish and win.
   params, ctx, max_len = make_params(seed, eos_bias=0.5), make_ctx(4, seed), 6
   max_lens = jnp.array([3, 1, 4, 50], jnp.int32)
-  for lens in (None, max_lens):
+  for lens, alpha in ((None, 0.0), (max_lens, 0.0), (max_lens, 0.6)):
     tokens = greedy(params, ctx, max_len, max_lens=lens)
-    seqs, _ = beam(params, ctx, 1, max_len, alpha=0.0, max_lens=lens)
-    np.testing.assert_array_equal(seqs[:, 0], tokens)
-  # With a length penalty, beam 1 can only improve on greedy's own score.
-  logp = teacher_forced_logp(params, ctx, tokens[:, None])[:, 0]
-  _, scores = beam(params, ctx, 1, max_len, max_lens=max_lens)
-  for b in range(4):
-    greedy_score = penalised(logp[b], length_of(tokens[b]), 0.6)
-    assert scores[b, 0] >= greedy_score - 1e-5
+    logp = teacher_forced_logp(params, ctx, tokens[:, None])[:, 0]
+    _, scores = beam(params, ctx, 1, max_len, alpha=alpha, max_lens=lens)
+    for b in range(4):
+      n = length_of(tokens[b])
+      if tokens[b, n - 1] == EOS:  # Greedy finished: beam 1 found it too.
+        assert scores[b, 0] >= penalised(logp[b], n, alpha) - 1e-5
+
+
+def _markov_step(logp_table, ids, cache):
+  """A Markov model: next-token log-probs depend on the last token only."""
+  rows = ids.shape[0]
+  batch = logp_table.shape[0]
+  sentence = jnp.arange(rows) // (rows // batch)
+  return logp_table[sentence, ids], cache
+
+
+def _reference_beam(logp, beam_size, max_len, alpha, eos_window=None):
+  """The finishing rule in plain Python: (best sequence, its score) of one model.
+
+  Each step keeps the top 2K extensions; the best K without EOS stay alive,
+  and every EOS among the first `eos_window` (default 2K) of them may join
+  the K finished ones.
+  """
+  eos_window = eos_window or 2 * beam_size
+  alive, finished = [((), np.float32(0.0))], []
+  for step in range(max_len):
+    cands = [(seq + (v,), np.float32(lp + logp[seq[-1] if seq else 0, v]))
+             for seq, lp in alive for v in range(logp.shape[1])]
+    cands.sort(key=lambda c: -c[1])
+    top = cands[:2 * beam_size]
+    pen = np.float32(((5.0 + step + 1) / 6.0) ** alpha)
+    finished += [(seq, lp / pen) for seq, lp in top[:eos_window]
+                 if seq[-1] == EOS]
+    finished = sorted(finished, key=lambda c: -c[1])[:beam_size]
+    alive = [c for c in top if c[0][-1] != EOS][:beam_size]
+  if finished:
+    return finished[0]
+  pen = np.float32(((5.0 + max_len) / 6.0) ** alpha)
+  return alive[0][0], alive[0][1] / pen
+
+
+@pytest.mark.parametrize("max_len", [6, 8])
+def test_beam_matches_reference_rule_on_random_markov_models(max_len):
+  models, vocab, beam_size, alpha = 300, 6, 4, 0.6
+  rng = np.random.default_rng(max_len)
+  logits = rng.normal(0, 1.5, (models, vocab, vocab)).astype(np.float32)
+  logits[:, :, PAD] = -1e9  # Never predicted; token 0 is BOS.
+  logits[:, :, EOS] += rng.normal(-1.0, 1.0, (models, 1))  # Varied EOS odds.
+  logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
+  cache = dict(step=jnp.zeros((), jnp.int32))
+  seqs, scores = jax.jit(lambda t: decoding.beam_search(
+      functools.partial(_markov_step, t), cache, models, beam_size, max_len,
+      EOS, alpha))(jnp.asarray(logp))
+  seqs, scores = np.asarray(seqs), np.asarray(scores)
+  finished, changed = 0, 0
+  for m in range(models):
+    ref_seq, ref_score = _reference_beam(logp[m], beam_size, max_len, alpha)
+    n = len(ref_seq)
+    np.testing.assert_array_equal(seqs[m, 0, :n], ref_seq, err_msg=str(m))
+    np.testing.assert_allclose(scores[m, 0], ref_score, rtol=1e-5, atol=1e-6)
+    finished += ref_seq[-1] == EOS
+    old_rule = _reference_beam(logp[m], beam_size, max_len, alpha, beam_size)
+    changed += old_rule[0] != ref_seq
+  assert finished > models // 2  # Most searches end in EOS, not max_len.
+  assert changed > 0  # Some results differ from the top-K finishing rule.
 
 
 @pytest.mark.parametrize("max_len,beam_size,alpha,use_max_lens", [
@@ -251,16 +309,18 @@ def test_always_eos_gives_length_one():
 
 
 def test_never_eos_returns_alive_beams():
-  # EOS never makes the top 2, so no hypothesis ever finishes.
+  # With one beam, EOS never makes the top 2K = 2 (the two real tokens beat
+  # it), so no hypothesis ever finishes. (With two beams it would: at step 0
+  # one live beam has only 4 extensions, all within the top 2K = 4.)
   params, ctx, max_len = make_params(2, eos_bias=-1e4), make_ctx(4), 5
   tokens = greedy(params, ctx, max_len)
   assert np.all(tokens > EOS)
-  seqs, scores = beam(params, ctx, 2, max_len)
+  seqs, scores = beam(params, ctx, 1, max_len)
   assert np.all(seqs > EOS)
   logp = teacher_forced_logp(params, ctx, seqs)
   penalty = ((5.0 + max_len) / 6.0) ** 0.6
   np.testing.assert_allclose(scores, logp.sum(-1) / penalty, rtol=1e-5)
-  np.testing.assert_array_equal(beam(params, ctx, 1, max_len)[0][:, 0], tokens)
+  np.testing.assert_array_equal(seqs[:, 0], tokens)
 
 
 @pytest.mark.parametrize("search", ["greedy", "beam"])

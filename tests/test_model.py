@@ -1,6 +1,7 @@
 """Model tests: cache = forward, GQA = copied MHA, causality, masks, sharding."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,25 @@ def batch(seed=0, b=3, s=7, t=9):
   return jnp.asarray(src, jnp.int32), jnp.asarray(tgt, jnp.int32)
 
 
+def _has_pallas() -> bool:
+  return importlib.util.find_spec('mqa_flax.pallas_attention') is not None
+
+
+# (attention_impl, cache_layout): every choice must leave the results alone.
+IMPLS = [('xla', 'BLKH'), ('xla', 'BKLH'),
+         pytest.param(('pallas', 'BLKH'), marks=pytest.mark.skipif(
+             not _has_pallas(), reason='mqa_flax/pallas_attention.py absent')),
+         pytest.param(('pallas', 'BKLH'), marks=pytest.mark.skipif(
+             not _has_pallas(), reason='mqa_flax/pallas_attention.py absent'))]
+
+
 @pytest.mark.parametrize('variant', VARIANTS)
 @pytest.mark.parametrize('read_len', [None, 'growing'])
-def test_incremental_decoding_equals_forward(variant, read_len):
-  cfg = tiny(*VARIANTS[variant])
+@pytest.mark.parametrize('impl', IMPLS, ids=lambda x: '/'.join(x))
+def test_incremental_decoding_equals_forward(variant, read_len, impl):
+  if impl != ('xla', 'BLKH') and read_len:
+    pytest.skip('growing reads share the padded path; one layout suffices')
+  cfg = tiny(*VARIANTS[variant], attention_impl=impl[0], cache_layout=impl[1])
   model = Transformer(cfg, rngs=nnx.Rngs(1))
   src, tgt = batch()
   full = jax.jit(model)(src, tgt)  # [B, T, V]
@@ -50,6 +66,23 @@ def test_incremental_decoding_equals_forward(variant, read_len):
     np.testing.assert_allclose(logits[real], full[real, t], atol=1e-5, rtol=1e-5)
   if cfg.local_window:  # The ring buffer holds the window only.
     assert cache['layers'][0]['k'].shape[1] == cfg.local_window
+
+
+def test_cudnn_impl_is_a_clear_error_off_gpu():
+  if jax.default_backend() == 'gpu':
+    pytest.skip('cuDNN present: covered by the benchmark on the device')
+  model = Transformer(tiny(4, 1, attention_impl='cudnn'), rngs=nnx.Rngs(1))
+  src, _ = batch()
+  cache = model.init_cache(model.encode(src), src, max_len=4)
+  with pytest.raises(NotImplementedError, match='cudnn.*needs a CUDA GPU'):
+    model.decode_step(src[:, 0], cache)
+
+
+def test_bad_impl_or_layout_is_refused():
+  with pytest.raises(ValueError, match='attention_impl'):
+    tiny(attention_impl='flash')
+  with pytest.raises(ValueError, match='cache_layout'):
+    tiny(cache_layout='LBKH')
 
 
 def test_beams_share_cross_attention_memory():
@@ -71,10 +104,12 @@ def test_beams_share_cross_attention_memory():
 
 
 @pytest.mark.parametrize('k', [1, 2])
-def test_grouped_equals_multi_head_with_copied_kv(k):
+@pytest.mark.parametrize('impl', IMPLS, ids=lambda x: '/'.join(x))
+def test_grouped_equals_multi_head_with_copied_kv(k, impl):
   n = 4
-  gqa = Transformer(tiny(n, k), rngs=nnx.Rngs(3))
-  mha = Transformer(tiny(n, n), rngs=nnx.Rngs(4))
+  kw = dict(attention_impl=impl[0], cache_layout=impl[1])
+  gqa = Transformer(tiny(n, k, **kw), rngs=nnx.Rngs(3))
+  mha = Transformer(tiny(n, n, **kw), rngs=nnx.Rngs(4))
   graph, state = nnx.split(mha)
   flat = dict(nnx.to_flat_state(state))
   for path, var in nnx.to_flat_state(nnx.state(gqa)):
@@ -86,6 +121,15 @@ def test_grouped_equals_multi_head_with_copied_kv(k):
   src, tgt = batch(1)
   np.testing.assert_allclose(jax.jit(gqa)(src, tgt), jax.jit(mha)(src, tgt),
                              atol=1e-6, rtol=1e-6)
+  # Incremental decoding, with beams sharing the cross K/V (R = 2 rows).
+  caches = [m.init_cache(m.encode(src), src, max_len=3, beam_size=2)
+            for m in (gqa, mha)]
+  ids = jnp.repeat(tgt[:, 0], 2)
+  steps = [jax.jit(m.decode_step) for m in (gqa, mha)]
+  for _ in range(3):
+    (a, caches[0]), (b, caches[1]) = (f(ids, c) for f, c in zip(steps, caches))
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    ids = jnp.argmax(a, -1).astype(jnp.int32)
 
 
 @pytest.mark.parametrize('variant', ['mha', 'mqa', 'mqa_local'])
@@ -168,3 +212,22 @@ def test_sharded_forward_equals_single_device():
   sharded = fwd(state, jax.device_put(src, shard), jax.device_put(tgt, shard))
   assert len(sharded.sharding.device_set) == 8
   np.testing.assert_allclose(sharded, single, atol=1e-5)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_beam_search_is_the_same_in_both_cache_layouts(k):
+  from mqa_flax import decoding  # pylint: disable=g-import-not-at-top
+  src, _ = batch(5)
+  out = []
+  for layout in ('BLKH', 'BKLH'):
+    model = Transformer(tiny(4, k, cache_layout=layout), rngs=nnx.Rngs(9))
+
+    @jax.jit
+    def search(src, model=model):
+      cache = model.init_cache(model.encode(src), src, max_len=6, beam_size=3)
+      return decoding.beam_search(model.decode_step, cache, 3, 3, 6, eos_id=1,
+                                  reorder=model.reorder_cache)
+    out.append(jax.device_get(search(src)))
+  np.testing.assert_array_equal(out[0][0], out[1][0])
+  np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-5)
+  assert len(np.unique(out[0][0])) > 3  # Beams were reordered, not constant.

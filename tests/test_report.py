@@ -176,3 +176,17 @@ def test_cli_prints_one_line_error(tmp_path):
       cwd=root, capture_output=True, text=True, check=False)
   assert proc.returncode == 1
   assert proc.stderr.strip() == f'error: {tmp_path / "missing"}: not a directory'
+
+
+def test_table2_labels_each_implementation_when_several_appear():
+  rows = [_bench_row('mqa', 'train', 128, 0.4)]
+  for impl, layout, us in (('xla', 'BLKH', 9.0), ('xla', 'BKLH', 6.0),
+                           ('pallas', 'BKLH', None)):
+    rows.append(dict(_bench_row('mqa', 'greedy', 64, us, 'padded'),
+                     attention_impl=impl, cache_layout=layout))
+  rows[-1]['error'] = 'ModuleNotFoundError: pallas_attention'  # A failed row.
+  text = report.table2(rows)
+  assert _table_row(text, 'mqa (xla/BLKH)')[2].endswith('9.00')
+  assert _table_row(text, 'mqa (xla/BKLH)')[2].endswith('6.00')
+  assert 'pallas' not in text  # Error rows have no time to show.
+  assert 'xla/BKLH' not in report.table2(rows[:2])  # One implementation: as before.

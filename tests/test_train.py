@@ -1,6 +1,7 @@
 """Training tests: exact resume, SIGTERM, NaN guard, data parallelism, learning."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -81,10 +82,9 @@ def test_data_parallel_step_equals_single_device():
     mesh = Mesh(np.array(devices), ('data',))
     graphdef, state = train_lib.create_state(cfg, tx, 0, mesh)
     step = jax.jit(functools.partial(
-        train_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=0.1,
-        rng=jax.random.key(0)))
+        train_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=0.1))
     sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
-    state, metrics = step(state, sharded)
+    state, metrics = step(state, sharded, jax.random.key(0))
     assert len(state.params['embed'].get_value().sharding.device_set) == len(devices)
     results.append((state.params, metrics))
   (p1, m1), (p8, m8) = results
@@ -121,7 +121,7 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
+  assert proc.returncode == 3, out  # errors.EXIT_STOPPED: resumable, not finished.
   assert 'rerun the same command to resume' in out
   step = Checkpointer(str(tmp_path), 3).latest_step()
   assert step is not None and step >= 10
@@ -152,10 +152,10 @@ def test_golden_metrics_after_one_step():
   batch = {'inputs': jnp.asarray(rng.integers(1, 64, (4, 16)), jnp.int32),
            'targets': jnp.asarray(rng.integers(1, 64, (4, 12)), jnp.int32)}
   step = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
-                                   label_smoothing=0.1, rng=jax.random.key(0)))
+                                   label_smoothing=0.1))
   losses_, norms = [], []
   for _ in range(3):
-    state, m = step(state, batch)
+    state, m = step(state, batch, jax.random.key(0))
     losses_.append(float(m['loss_sum'] / m['tokens']))
     norms.append(float(m['grad_norm']))
   np.testing.assert_allclose(losses_, GOLDEN_LOSSES, rtol=1e-4)
@@ -165,3 +165,47 @@ def test_golden_metrics_after_one_step():
 
 GOLDEN_LOSSES = [4.8016009, 4.7215676, 4.5725350]
 GOLDEN_GRAD_NORMS = [1.4632684, 1.4254425, 1.3141067]
+
+
+def test_training_length_from_epochs_and_warmup_fraction():
+  c = tiny_config(num_epochs=2.5, **{'opt.warmup_fraction': 0.1})
+  assert train_lib.training_length(c, 63) == (158, 16)  # ceil(2.5 * 63), 10%.
+  c = tiny_config(num_train_steps=50, **{'opt.warmup_steps': 7})
+  assert train_lib.training_length(c, 63) == (50, 7)  # Epochs and fraction off.
+  for bad in ({'num_train_steps': 0}, {'num_train_steps': -5}, {'num_epochs': -1.0}):
+    with pytest.raises(ValueError, match='num_'):
+      train_lib.training_length(tiny_config(**bad), 63)
+
+
+def test_multi30k_recipe_is_stated_in_epochs():
+  from configs import multi30k  # pylint: disable=import-outside-toplevel
+  c = multi30k.get_config('mqa')
+  assert c.num_epochs == 40 and c.opt.warmup_fraction == 0.1
+  assert c.model.dtype == 'bfloat16' and c.keep_checkpoints == 1
+  assert train_lib.training_length(c, 63) == (2520, 252)
+
+
+def test_epochs_set_the_steps_and_best_dev_parameters_are_decoded(tmp_path):
+  from mqa_flax import runs  # pylint: disable=import-outside-toplevel
+  config = tiny_config(num_epochs=3.0, eval_every=2, checkpoint_every=1000,
+                       **{'opt.warmup_fraction': 0.25})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  saved = json.load(open(tmp_path / 'config.json'))
+  records = read_jsonl(f'{tmp_path}/metrics.jsonl')
+  steps = max(r['step'] for r in records)
+  assert saved['num_train_steps'] == steps > 3  # 400 pairs / 8 rows: several steps.
+  assert saved['opt']['warmup_steps'] == round(0.25 * steps)
+  dev = {r['step']: r['eval/ln_ppl'] for r in records if 'eval/ln_ppl' in r}
+  best_step = min(dev, key=dev.get)
+  best = json.load(open(tmp_path / 'best' / 'best.json'))
+  assert best.pop('fingerprint')  # Checked on restore (tests/test_robustness.py).
+  assert (best['step'], best['dev_ln_ppl']) == (best_step, pytest.approx(dev[best_step]))
+  run = runs.restore(str(tmp_path))
+  assert (run.checkpoint, run.step) == ('best', best_step)
+  latest = runs.restore(str(tmp_path), step=steps)
+  assert latest.checkpoint == 'latest'
+  entry = runs.score_split(run, 'dev', beam_size=1)
+  assert entry['checkpoint'] == 'best' and entry['checkpoint_step'] == best_step
+  if best_step != steps:  # Different parameters, as restored.
+    assert not all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool((a == b).all()), run.params, latest.params)))

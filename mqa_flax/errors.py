@@ -1,0 +1,101 @@
+"""User errors and exit codes shared by every entry point.
+
+A problem the user can fix (a bad path, flag, config value, input file, a
+damaged checkpoint, a busy workdir) is reported as one `error:` line naming
+the problem and the fix, with exit code 2 and no traceback; programming
+errors keep their traceback. `MQA_FLAX_DEBUG=1` shows tracebacks for all.
+
+Exit codes: 0 done; 1 a programming error (traceback) or absl usage error;
+2 a user error; 3 stopped early by SIGTERM/SIGINT, with a checkpoint saved
+(rerun the same command to resume).
+"""
+
+import functools
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3
+
+
+class UserError(ValueError):
+  """A problem the user can fix; its message names the problem and the fix."""
+
+
+class Stopped(Exception):
+  """Work stopped early by a signal, after saving what it had (exit code 3)."""
+
+
+# OSError covers missing paths, permissions, read-only and full disks.
+USER_ERRORS = (UserError, OSError)
+
+
+def debug() -> bool:
+  return os.environ.get('MQA_FLAX_DEBUG', '') not in ('', '0')
+
+
+def one_line(e: BaseException) -> str:
+  """`e`'s message on one line (a KeyError's without its repr quotes)."""
+  msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  if isinstance(e, OSError) and e.filename and e.strerror:
+    msg = f'{e.filename}: {e.strerror}'
+  return ' '.join(str(msg).replace("\\'", "'").split())
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR, prefix: str = 'error: ') -> None:
+  """Prints `error: message` on stderr and exits with `code`."""
+  sys.stdout.flush()
+  print(f'{prefix}{message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with bad flags and config overrides as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f'{one_line(e)} (see --helpshort)')
+  except (AttributeError, KeyError) as e:  # ml_collections: no such config key.
+    if debug():
+      raise
+    # ml_collections nests a KeyError's repr: "'\\'key\\'\\nDid you mean ...'".
+    msg = str(e.args[0] if e.args else e).strip("'").replace('\\n', ' ')
+    fail(f'config override: no such key {msg.replace(chr(92), "")}')
+  return []
+
+
+def _raise_stopped(signum, frame):
+  del frame
+  raise Stopped(f'stopped by signal {signum}')
+
+
+def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """Wraps an absl `main` so that user errors and signals end in one line."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    signal.signal(signal.SIGTERM, _raise_stopped)  # Like Ctrl-C: `finally` runs.
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if debug():
+        raise
+      fail(one_line(e))
+    except (Stopped, KeyboardInterrupt) as e:
+      if debug():
+        raise
+      logging.flush()
+      fail(one_line(e) or 'interrupted', EXIT_STOPPED, prefix='')
+
+  return wrapped
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with one-line user errors and documented exit codes."""
+  app.run(guard(main), flags_parser=_parse_flags)

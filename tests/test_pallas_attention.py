@@ -1,0 +1,90 @@
+"""The Pallas decode kernel (interpret mode on CPU) against a float32 einsum."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mqa_flax.pallas_attention import decode_attention, reference_attention
+
+N = 8  # Query heads; M = R * N // K query rows per kv head.
+
+
+def _inputs(b, s, kh, m, h, dtype, kv_layout, seed=0):
+  """Random q, k, v and a random mask with one single-position and one empty row."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  kv_shape = (b, s, kh, h) if kv_layout == 'BSKH' else (b, kh, s, h)
+  q = (jax.random.normal(keys[0], (b, kh, m, h)) * h**-0.5).astype(dtype)
+  k = jax.random.normal(keys[1], kv_shape).astype(dtype)
+  v = jax.random.normal(keys[2], kv_shape).astype(dtype)
+  valid = jax.random.uniform(keys[3], (b, s)) < 0.7
+  valid = valid.at[1].set(jnp.arange(s) == s - 1)  # Only the last (tail) one.
+  valid = valid.at[2].set(False)  # Nothing valid: mean of v over S.
+  return q, k, v, valid
+
+
+def _f32_reference(q, k, v, valid, kv_layout):
+  f32 = lambda x: x.astype(jnp.float32)
+  return reference_attention(f32(q), f32(k), f32(v), valid, kv_layout)
+
+
+@pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
+@pytest.mark.parametrize('kh,beams', [(1, 2), (2, 1), (8, 2)])
+def test_matches_reference_float32(kh, beams, kv_layout):
+  # S = 40 is not a multiple of block_s = 16: the tail block is masked.
+  m = beams * N // kh
+  q, k, v, valid = _inputs(3, 40, kh, m, 32, jnp.float32, kv_layout)
+  got = decode_attention(q, k, v, valid, kv_layout=kv_layout, block_s=16)
+  assert got.shape == q.shape and got.dtype == q.dtype
+  want = _f32_reference(q, k, v, valid, kv_layout)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_row_is_mean_of_values():
+  q, k, v, valid = _inputs(3, 40, 2, 4, 32, jnp.float32, 'BSKH')
+  got = decode_attention(q, k, v, valid, block_s=16)
+  want = jnp.broadcast_to(v[2].mean(axis=0)[:, None, :], got[2].shape)
+  np.testing.assert_allclose(got[2], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
+@pytest.mark.parametrize('kh', [1, 8])
+def test_matches_reference_bfloat16(kh, kv_layout):
+  # Tolerance 2e-2: bf16 output and bf16 softmax weights before the p.v product
+  # (the model's einsum path rounds them the same way).
+  m = 2 * N // kh
+  q, k, v, valid = _inputs(3, 100, kh, m, 64, jnp.bfloat16, kv_layout, seed=1)
+  got = decode_attention(q, k, v, valid, kv_layout=kv_layout)  # block_s 64.
+  assert got.dtype == jnp.bfloat16
+  want = _f32_reference(q, k, v, valid, kv_layout)
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2,
+                             atol=2e-2)
+
+
+def test_under_jit_matches_eager():
+  q, k, v, valid = _inputs(3, 40, 2, 8, 32, jnp.float32, 'BKSH')
+  fn = jax.jit(decode_attention, static_argnames=('kv_layout', 'block_s'))
+  np.testing.assert_allclose(
+      fn(q, k, v, valid, kv_layout='BKSH', block_s=32),
+      decode_attention(q, k, v, valid, kv_layout='BKSH', block_s=32),
+      rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_raise():
+  q, k, v, valid = _inputs(3, 40, 2, 8, 32, jnp.float32, 'BSKH')
+  with pytest.raises(ValueError, match='kv_layout'):
+    decode_attention(q, k, v, valid, kv_layout='SBKH')
+  with pytest.raises(ValueError, match='B, K or H'):
+    decode_attention(q[..., :16], k, v, valid)  # Head dims differ.
+  with pytest.raises(ValueError, match='B, K or H'):
+    decode_attention(q[:, :1], k, v, valid)  # q has 1 kv head, k has 2.
+  with pytest.raises(ValueError, match='B, K or H'):
+    decode_attention(q, k, v, valid, kv_layout='BKSH')  # k is BSKH.
+  with pytest.raises(ValueError, match='4-d'):
+    decode_attention(q[:, :, 0], k, v, valid)  # No M axis.
+  with pytest.raises(ValueError, match='valid'):
+    decode_attention(q, k, v, valid[:, :-1])
+  with pytest.raises(ValueError, match='dtypes'):
+    decode_attention(q.astype(jnp.bfloat16), k, v, valid)
+  with pytest.raises(ValueError, match='block_s'):
+    decode_attention(q, k, v, valid, block_s=24)

@@ -1,0 +1,334 @@
+"""Nothing lost, nothing silent: damaged checkpoints, a busy workdir, bad input
+text, user errors in one line with documented exit codes."""
+
+import fcntl
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from configs import demo
+from configs import variants
+from mqa_flax import checkpoint as ckpt_lib
+from mqa_flax import data
+from mqa_flax import errors
+from mqa_flax import metrics
+from mqa_flax import runs
+from mqa_flax import train_lib
+from mqa_flax.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+
+
+def tiny_config(**overrides):
+  c = demo.get_config('mha,tiny')
+  c.unlock()
+  return variants.set_values(c, {'num_train_steps': 40, 'checkpoint_every': 20,
+                                 **overrides})
+
+
+def _train(workdir, *flags):
+  return _run('train.py', '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
+              f'--workdir={workdir}', '--config.num_train_steps=40',
+              '--config.checkpoint_every=20', *flags)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run with train checkpoints at steps 20 and 40 and best parameters.
+
+  Trained once for all pytest-xdist workers (they share the parent of their
+  base temp directories); tests only read it or copy it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # This session's directory.
+    root = root.parent
+  workdir = str(root / 'robustness-run')
+  with open(root / 'robustness-run.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(workdir + '.done'):
+      shutil.rmtree(workdir, ignore_errors=True)
+      out = _train(workdir)  # One device: compiles faster than the tests' eight.
+      assert out.returncode == 0, out.stderr.decode()[-3000:]
+      open(workdir + '.done', 'w').close()
+  return workdir
+
+
+def _copy(trained, tmp_path):
+  out = str(tmp_path / 'run')
+  shutil.copytree(trained, out)
+  return out
+
+
+def flip_bytes(directory, n=2000):
+  """Inverts `n` bytes in the middle of every large data file under `directory`."""
+  paths = [p for p in glob.glob(os.path.join(directory, '**', 'd', '*'), recursive=True)
+           if os.path.getsize(p) >= 4 * n]
+  assert paths
+  for path in paths:
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+      f.seek(size // 2)
+      chunk = f.read(n)
+      f.seek(size // 2)
+      f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def truncate(directory):
+  """Cuts every large data file under `directory` to half its length."""
+  paths = [p for p in glob.glob(os.path.join(directory, '**', 'd', '*'), recursive=True)
+           if os.path.getsize(p) >= 8000]
+  assert paths
+  for path in paths:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _run(script, *flags, stdin=None, env=ENV):
+  return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags],
+                        input=stdin, capture_output=True, timeout=120, cwd=ROOT, env=env)
+
+
+def _one_error_line(out, *words):
+  err = out.stderr.decode()
+  lines = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert out.returncode == errors.EXIT_USER_ERROR, err[-3000:]
+  assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+  for w in words:
+    assert w in lines[0], lines[0]
+  return lines[0]
+
+
+# 1, 2: damaged checkpoints are detected; training falls back, decoding refuses.
+
+
+@pytest.mark.parametrize('damage', [flip_bytes, truncate])
+def test_damaged_train_checkpoint_is_refused_for_decoding(trained, tmp_path, damage):
+  workdir = _copy(trained, tmp_path)
+  damage(os.path.join(workdir, 'checkpoints', '40', 'state'))
+  with pytest.raises(ckpt_lib.CheckpointDamaged, match=r'step 40 .*--step=STEP \(saved: 20, 40\)'):
+    runs.restore(workdir, step=40)
+  assert runs.restore(workdir, step=20).step == 20
+
+
+def test_damaged_best_parameters_give_one_line_naming_the_step(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  flip_bytes(os.path.join(workdir, 'best'))
+  out = _run('decode.py', f'--workdir={workdir}', '--mode=translate',
+             stdin=b'I have three apples.\n')
+  line = _one_error_line(out, 'best parameters (step 40)', '--step')
+  assert len(out.stderr.decode().splitlines()) < 10, out.stderr.decode()
+  assert out.stdout == b'', line
+
+
+def test_checksum_mismatch_is_damage(trained, tmp_path):
+  # Data that reads back without error but differs from what was saved.
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'best', 'best.json')
+  record = json.load(open(path))
+  key = sorted(record['fingerprint'])[0]
+  record['fingerprint'][key] = '00000000'
+  json.dump(record, open(path, 'w'))
+  with pytest.raises(ckpt_lib.CheckpointDamaged, match=f'differ from the checksums.*{key}'):
+    runs.restore(workdir)
+
+
+def test_training_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  flip_bytes(os.path.join(workdir, 'checkpoints', '40', 'state'))
+  out = _train(workdir, '--config.num_train_steps=60')
+  err = out.stderr.decode()
+  assert out.returncode == 0, err[-3000:]
+  assert 'checkpoint step 40' in err and 'falling back' in err
+  assert 'resumed from step 20' in err and 'Traceback' not in err
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '40'))
+  assert ckpt_lib.Checkpointer(workdir, 3).manager.all_steps() == [20, 40, 60]
+
+
+def test_truncated_checkpoints_are_set_aside_until_none_is_left(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  cfg = ModelConfig.from_config(tiny_config().model, 64)
+  tx = train_lib.make_optimizer(tiny_config().opt, 40)
+  _, abstract = train_lib.abstract_state(cfg, tx)
+  truncate(os.path.join(workdir, 'checkpoints', '40', 'state'))
+  ckpt = ckpt_lib.Checkpointer(workdir, 3)
+  state, _ = ckpt.restore_intact(abstract)
+  assert int(state.step) == 20 and ckpt.manager.all_steps() == [20]
+  truncate(os.path.join(workdir, 'checkpoints', '20', 'state'))
+  with pytest.raises(errors.UserError, match='every checkpoint .* is damaged'):
+    ckpt.restore_intact(abstract)
+  assert ckpt.restore_intact(abstract) is None  # Next: train from step 0.
+  ckpt.close()
+
+
+# 8, 6: user errors are one line with exit code 2; programming errors keep tracebacks.
+
+
+@pytest.mark.parametrize('flag,words', [
+    ('--config.model.num_kv_heads=3', ['num_kv_heads=3']),
+    ('--config.num_train_steps=0', ['0 steps']),
+    ('--config.model.num_kv_head=2', ["'num_kv_head'", 'num_kv_heads']),
+])
+def test_train_user_errors_are_one_line(tmp_path, flag, words):
+  out = _run('train.py', '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
+             f'--workdir={tmp_path}/w', flag)
+  line = _one_error_line(out, *words)
+  assert '\\n' not in line and "\\'" not in line
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+  out = _run('train.py', '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
+             f'--workdir={tmp_path}/w', '--config.num_train_steps=-5',
+             env=dict(ENV, MQA_FLAX_DEBUG='1'))
+  assert out.returncode == 1 and b'Traceback' in out.stderr
+
+
+def test_guard_keeps_programming_errors(monkeypatch):
+  def main(argv):
+    del argv
+    raise KeyError('a bug')
+  with pytest.raises(KeyError):
+    errors.guard(main)([])
+  with pytest.raises(SystemExit) as e:
+    errors.guard(lambda argv: (_ for _ in ()).throw(errors.UserError('bad')))([])
+  assert e.value.code == errors.EXIT_USER_ERROR
+
+
+# 3, 5: input lines split at '\n' only, as in training; non-UTF-8 named or replaced.
+
+
+def test_split_lines_like_training(tmp_path):
+  raw = b'I have three apples.\r\nI have four\rpears.\n'
+  assert data.split_lines(raw, 'x') == ['I have three apples.', 'I have four\rpears.']
+  (tmp_path / 'a.en').write_bytes(raw)
+  assert data._read_lines(str(tmp_path / 'a.en')) == data.split_lines(raw, 'x')
+  with pytest.raises(errors.UserError, match=r'^in line 2 is not UTF-8 \(byte 0xff'):
+    data.split_lines(b'ok\nbad \xff\n', 'in')
+  assert data.split_lines(b'ok\nbad \xff\n', 'in', 'replace') == ['ok', 'bad \ufffd']
+
+
+def test_translate_keeps_line_count_and_names_bad_bytes(trained):
+  text = b'I have three apples.\r\nI have four\rpears.\n\xff\xfe seven\n\nlast'
+  out = _run('decode.py', f'--workdir={trained}', '--mode=translate',
+             '--invalid_utf8=replace', stdin=text)
+  assert out.returncode == 0, out.stderr.decode()[-2000:]
+  assert out.stdout.count(b'\n') == 5 and b'\r' not in out.stdout
+  assert b'1 of 5 lines were not UTF-8' in out.stderr
+  out = _run('decode.py', f'--workdir={trained}', '--mode=translate', stdin=text)
+  _one_error_line(out, 'stdin line 3 is not UTF-8', '--invalid_utf8=replace')
+
+
+def test_missing_input_file_fails_before_restoring(tmp_path):
+  out = _run('decode.py', f'--workdir={tmp_path}/none', '--mode=translate',
+             f'--input={tmp_path}/missing.en')
+  _one_error_line(out, 'missing.en', 'No such file')
+
+
+# 4: one training per workdir.
+
+
+def test_busy_workdir_is_refused_and_stale_lock_is_not(tmp_path):
+  workdir = str(tmp_path / 'w')
+  with ckpt_lib.workdir_lock(workdir):
+    with pytest.raises(errors.UserError, match=rf'in use by pid {os.getpid()} on '):
+      train_lib.train_and_evaluate(tiny_config(), workdir)
+    with ckpt_lib.workdir_lock(workdir, enabled=False):  # Processes other than 0.
+      pass
+  # A lock file left by a killed process holds no lock.
+  with open(os.path.join(workdir, 'train.lock'), 'w') as f:
+    f.write('pid 999999 on gone (training since 2026-01-01T00:00:00)\n')
+  with ckpt_lib.workdir_lock(workdir):
+    pass
+
+
+# 10: smaller losses.
+
+
+def test_scores_survive_an_unwritable_workdir(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'hyps'), ignore_errors=True)
+  open(os.path.join(workdir, 'hyps'), 'w').close()  # Unwritable, even for root.
+  run = runs.restore(workdir)
+  entry = runs.score_split(run, 'test', 1)
+  assert entry['bleu_13a'] >= 0 and 'hyps' in entry['not_written']
+  assert not os.path.exists(os.path.join(workdir, 'bleu.json'))
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+  # The NaN error's last sentence (it said "(step None)").
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), 3)
+  assert train_lib._last_good(ckpt).startswith('No checkpoint was saved yet')
+  ckpt.close()
+
+
+def test_partial_metrics_line_is_cut_on_resume(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+  w = metrics.MetricWriter(str(tmp_path))
+  w.write_scalars(3, {'train/loss': 1.0})
+  w.close()
+  assert [r['step'] for r in metrics.read_jsonl(str(path))] == [1, 3]
+  assert path.read_text().count('\n') == 2
+
+
+# 7: empty training files are named.
+
+
+def test_empty_training_files_are_named(tmp_path):
+  (tmp_path / 'a.en').write_text('')
+  (tmp_path / 'a.de').write_text('')
+  cfg = tiny_config(**{'data.source': 'text', 'data.data_dir': str(tmp_path)}).data
+  with pytest.raises(errors.UserError, match=r'a\.en, .*a\.de are empty'):
+    data.read_split(cfg, 'a')
+
+
+# 11, 12: dependencies.
+
+
+def _pyproject():
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    return tomllib.load(f)['project']
+
+
+def test_quick_start_installs_the_tensorboard_viewer():
+  assert any(d.startswith('tensorboard>') for d in _pyproject()['dependencies'])
+
+
+def test_wmt_extra_installs_what_tfds_needs_offline():
+  assert any(d.startswith('importlib_resources') for d in
+             _pyproject()['optional-dependencies']['wmt'])
+  tfds = pytest.importorskip('tensorflow_datasets')
+  builder = tfds.builder('wmt14_translate/de-en')  # As far as the network would go.
+  assert builder.info.splits is not None or builder.info.name
+  urls = getattr(builder, 'url_infos', None) or {}
+  assert all(u.startswith('http') for u in urls)
+
+
+def test_stopped_translation_keeps_the_finished_lines(trained, tmp_path, monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import decode  # pylint: disable=g-import-not-at-top
+  src, out = tmp_path / 'in.en', tmp_path / 'out.de'
+  src.write_text('I have three apples.\nWe need two books.\nThe number is seven.\n')
+  flags.FLAGS(['decode', f'--workdir={trained}', '--mode=translate', f'--input={src}',
+               f'--output={out}', '--beam_size=1'])
+  calls = []
+
+  def translate_then_stop(run, lines, *args, **kwargs):
+    calls.append(lines)
+    if len(calls) > 1:
+      raise KeyboardInterrupt  # Ctrl-C (SIGTERM raises errors.Stopped the same way).
+    return [f'out {i}' for i in range(len(lines))]
+
+  monkeypatch.setattr(decode, '_TRANSLATE_BLOCK', 2)
+  monkeypatch.setattr(runs, 'translate_run', translate_then_stop)
+  try:
+    with pytest.raises(errors.Stopped, match='after translating 2 of 3 lines'):
+      decode.run_translate(trained)
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert out.read_text() == 'out 0\nout 1\n'
