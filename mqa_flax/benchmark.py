@@ -24,7 +24,8 @@ row can be written out as soon as it is measured (`emit`).
 
 The decoder's cache is built outside the timed function. Each time sits
 beside a memory floor (`bytes_per_step` from `summary.analyze` over the
-measured copy bandwidth; decoding only: training and encoder traffic is not
+measured copy bandwidth, beam rows including the bytes their cache reorder
+moves, `reorder_bytes_per_step`; decoding only: training and encoder traffic is not
 modelled, so those fields are null) and a compute floor (FLOPs per token from
 `summary.analyze` over the measured matmul throughput); `fraction_of_*` is
 floor / measured, at most 1 up to noise. Decoder rows also give the traffic
@@ -275,12 +276,14 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   compiled, compile_s, sec = _timed(
       fn, lambda _: (params, make_cache(params, inputs)), **timing)
   by_kind = loop_traffic(compiled.as_text(), leaf)
+  reorder = stats['decode_reorder_bytes_per_step']  # 0 without beams.
   return dict(
       kind='greedy' if beams == 1 else f'beam{beams}', cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
       loop_bytes_by_kind=by_kind,
       loop_cache_copy_bytes_per_step=cache_copy_bytes(by_kind),
-      **_fields(stats[f'decode_bytes_per_step_{mode}'], t, b * t,
+      reorder_bytes_per_step=reorder,
+      **_fields(stats[f'decode_bytes_per_step_{mode}'] + reorder, t, b * t,
                 beams * stats['decode_flops_per_token'], sec, dev))
 
 
