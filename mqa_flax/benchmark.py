@@ -160,7 +160,8 @@ def _root_kinds(comps: dict, fused: str) -> list[str]:
   return out
 
 
-def loop_traffic(hlo_text: str, min_bytes: int) -> dict[str, int]:
+def loop_traffic(hlo_text: str, min_bytes: int,
+                 every_body: bool = False) -> dict[str, int] | list[dict[str, int]]:
   """Bytes written per iteration, by op kind, of arrays >= min_bytes in while loops.
 
   Reads compiled HLO text. For every while-loop body, every op whose result
@@ -168,13 +169,15 @@ def loop_traffic(hlo_text: str, min_bytes: int) -> dict[str, int]:
   cache leaf, say) counts under its kind; a fusion counts under what its
   ROOT computes (XLA names an in-place update `copy_dynamic-update-slice_fusion`
   and a layout change may be a `copy_bitcast_fusion`). Returns the body with
-  the most bytes: with one step per iteration, bytes per step. A
+  the most bytes (or, with `every_body`, one dict per body, in the order
+  the HLO defines them): with one step per iteration, bytes per step. A
   `dynamic-update-slice` is the in-place cache update (its operand buffer is
   reused, only the update is written); COPY_KINDS are real copies.
   """
   comps = _parse_hlo(hlo_text)
-  bodies = set(re.findall(r'body=%([\w.\-]+)', hlo_text))
+  bodies = dict.fromkeys(re.findall(r'body=%([\w.\-]+)', hlo_text))
   best: dict[str, int] = {}
+  every = []
   for body in bodies:
     per_kind = collections.Counter()
     for name, (kind, typ, rest) in comps.get(body, {}).items():
@@ -192,9 +195,10 @@ def loop_traffic(hlo_text: str, min_bytes: int) -> dict[str, int]:
             int(d) for d in dims.split(',') if d)
         if nbytes >= min_bytes and k not in _NO_WRITE:
           per_kind[k] += nbytes
+    every.append(dict(per_kind))
     if sum(per_kind.values()) > sum(best.values()):
       best = dict(per_kind)
-  return best
+  return every if every_body else best
 
 
 def cache_copy_bytes(by_kind: dict[str, int]) -> int:
@@ -249,7 +253,8 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
   """What the decoder rows time: `decoding`'s search over `model.decode_step`.
 
   EOS is ignored (an id that matches nothing), so every row decodes all
-  tgt_len steps; `chunk` (greedy only) selects the growing cache.
+  tgt_len steps; `chunk` selects the growing cache (beam search then also
+  reorders only the positions written so far).
   """
   def fn(params, cache):
     model = nnx.merge(graphdef, params)
@@ -258,7 +263,7 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
                                     _NO_EOS, stop_at_eos=False, chunk=chunk)
     return decoding.beam_search(model.decode_step, cache, batch, beams,
                                 tgt_len, _NO_EOS, stop_at_eos=False,
-                                reorder=model.reorder_cache)[0]
+                                reorder=model.reorder_cache, chunk=chunk)[0]
   return fn
 
 
@@ -276,7 +281,7 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   compiled, compile_s, sec = _timed(
       fn, lambda _: (params, make_cache(params, inputs)), **timing)
   by_kind = loop_traffic(compiled.as_text(), leaf)
-  reorder = stats['decode_reorder_bytes_per_step']  # 0 without beams.
+  reorder = stats[f'decode_reorder_bytes_per_step_{mode}']  # 0 without beams.
   return dict(
       kind='greedy' if beams == 1 else f'beam{beams}', cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
@@ -377,7 +382,7 @@ def run(variants: dict[str, ModelConfig], *,
   opt_config = opt_config or ml_collections.ConfigDict(_ADAMW)
   decoders = [(batch, 1, m) for m in cache_modes] if 'greedy' in kinds else []
   if 'beam4' in kinds:
-    decoders.append((beam_batch, beam_size, 'padded'))
+    decoders += [(beam_batch, beam_size, m) for m in cache_modes]
   tflops, rows = {}, []
   for name, base_cfg in variants.items():
     if base_cfg.dtype not in tflops:

@@ -148,11 +148,14 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def gather_rows(cache: Cache, rows: jax.Array) -> Cache:
+def gather_rows(cache: Cache, rows: jax.Array, upto: int | None = None) -> Cache:
   """The default beam reorder: per-beam leaves (leading axis B*K) take rows.
 
   Row i becomes old row rows[i]; other leaves are shared and left alone.
+  `upto` (positions written so far, at most) is ignored: this contract does
+  not say which axis holds positions.
   """
+  del upto
   def gather(x):
     per_beam = x.ndim > 0 and x.shape[0] == rows.shape[0]
     return x[rows] if per_beam else x
@@ -170,7 +173,8 @@ def beam_search(
     alpha: float = 0.6,
     max_lens: jax.Array | None = None,
     stop_at_eos: bool = True,
-    reorder: Callable[[Cache, jax.Array], Cache] = gather_rows,
+    reorder: Callable[..., Cache] = gather_rows,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Beam search returning (sequences [B, K, T], scores [B, K]), best first.
 
@@ -206,6 +210,11 @@ def beam_search(
     reorder: `reorder(cache, rows)` moves each per-beam row to where rows
       [B*K] (new row -> old row) says; a model whose cache does not keep the
       module doc's contract passes its own (`Transformer.reorder_cache`).
+    chunk: as in `greedy_search`: the steps run as loops of `chunk` steps,
+      calling `tokens_to_logits(ids, cache, read_len=end)` and
+      `reorder(cache, rows, upto=end)` with `end` (static) the end of the
+      loop, so that a model may read and reorder only the cache positions
+      written so far. Same result.
   """
   if max_lens is None:
     reachable_len = jnp.full((batch_size,), max_len, jnp.int32)
@@ -213,18 +222,19 @@ def beam_search(
     reachable_len = jnp.minimum(max_lens, max_len)
   best_penalty = length_penalty(reachable_len.astype(jnp.float32), alpha)  # [B]
 
-  def cond(s: BeamState) -> jax.Array:
-    keep_going = s.step < max_len
+  def cond(end: int, s: BeamState) -> jax.Array:
+    keep_going = s.step < end
     if stop_at_eos:
       best_alive = s.alive_logp[:, 0] / best_penalty  # [B]
       worst_finished = s.finished_scores[:, -1]  # [B]
       keep_going &= ~jnp.all(worst_finished >= best_alive)
     return keep_going
 
-  def body(s: BeamState) -> BeamState:
+  def body(read_len: int | None, s: BeamState) -> BeamState:
     last = s.alive_seqs[:, :, jnp.maximum(s.step - 1, 0)]
     ids = jnp.where(s.step == 0, 0, last)  # [B, K]
-    logits, cache = tokens_to_logits(ids.reshape(-1), s.cache)  # [B*K, V]
+    bound = {} if read_len is None else {'read_len': read_len}
+    logits, cache = tokens_to_logits(ids.reshape(-1), s.cache, **bound)  # [B*K, V]
     vocab_size = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp = logp.reshape(batch_size, beam_size, vocab_size)  # [B, K, V]
@@ -248,7 +258,8 @@ def beam_search(
     if beam_size > 1:  # With one beam the gather is the identity.
       parent = _gather_beams(top_beam, keep)  # [B, K]
       rows = jnp.arange(batch_size)[:, None] * beam_size + parent
-      cache = reorder(cache, rows.reshape(-1))
+      cache = reorder(cache, rows.reshape(-1),
+                      **({} if read_len is None else {'upto': read_len}))
 
     # EOS extensions within the top 2K join the finished set, which keeps K.
     penalty = length_penalty((s.step + 1).astype(jnp.float32), alpha)
@@ -271,7 +282,11 @@ def beam_search(
       finished_scores=jnp.full((batch_size, beam_size), -jnp.inf, jnp.float32),
       cache=cache,
   )
-  s = jax.lax.while_loop(cond, body, init)
+  s = init
+  for start in range(0, max_len, chunk or max_len):
+    end = min(start + (chunk or max_len), max_len)
+    s = jax.lax.while_loop(functools.partial(cond, end),
+                           functools.partial(body, end if chunk else None), s)
 
   any_finished = s.finished_scores[:, 0] > -jnp.inf  # [B]
   alive_scores = s.alive_logp / length_penalty(jnp.float32(max_len), alpha)

@@ -277,11 +277,23 @@ class Transformer(nnx.Module):
     return dict(index=jnp.zeros((), jnp.int32), src_mask=inputs != 0,
                 layers=layers)
 
-  def reorder_cache(self, cache: Cache, rows: jax.Array) -> Cache:
-    """Beam search's reorder: self K/V row i becomes row rows[i] (of B*beams)."""
+  def reorder_cache(self, cache: Cache, rows: jax.Array,
+                    upto: int | None = None) -> Cache:
+    """Beam search's reorder: self K/V row i becomes row rows[i] (of B*beams).
+
+    With `upto` (static; no position at or past it written yet, in any row)
+    only the first `upto` cache positions move: the rest is unwritten in
+    every row alike.
+    """
     k = self.cfg.num_kv_heads if self.cfg.cache_layout == 'BKLH' else 1
     idx = (rows[:, None] * k + jnp.arange(k)[None]).reshape(-1)  # Of [B*K, ...].
-    layers = [dict(c, k=c['k'][idx], v=c['v'][idx]) for c in cache['layers']]
+
+    def take(x):  # Axis 1 is the cache position in both layouts.
+      if upto is None or upto >= x.shape[1]:
+        return x[idx]
+      return x.at[:, :upto].set(x[idx, :upto])
+
+    layers = [dict(c, k=take(c['k']), v=take(c['v'])) for c in cache['layers']]
     return dict(cache, layers=layers)
 
   def decode_step(self, ids_B: jax.Array, cache: Cache,

@@ -49,8 +49,9 @@ def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
   per step once, the cross K/V of every sentence, and the self K/V of every
   row up to its position (`growing`, averaged over the target length) or the
   whole cache (`padded`, the paper's fixed-size memory; the window when
-  local). With beams, `decode_reorder_bytes_per_step` adds what beam search's
-  reorder moves: it reads and writes every row's whole self K/V cache.
+  local). With beams, `decode_reorder_bytes_per_step_<mode>` adds what beam
+  search's reorder moves: it reads and writes every row's self K/V cache,
+  whole or up to the positions written.
   """
   groups = param_groups(cfg)
   item = cfg.compute_dtype.itemsize
@@ -95,8 +96,11 @@ def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
       'decode_bytes_per_step_padded': traffic['padded'],
       'decode_bytes_per_token_growing': traffic['growing'] / rows,
       'decode_bytes_per_token_padded': traffic['padded'] / rows,
-      'decode_reorder_bytes_per_step': (
-          2 * rows * padded_seen * self_bytes_per_pos if beam_size > 1 else 0),
+      # Beam search's reorder reads and writes each row's self K/V: all of
+      # it (padded) or, at the least, the positions written so far (growing).
+      **{f'decode_reorder_bytes_per_step_{mode}': (
+          2 * rows * seen * self_bytes_per_pos if beam_size > 1 else 0)
+         for mode, seen in (('growing', mean_seen), ('padded', padded_seen))},
       'batch': batch, 'beam_size': beam_size, 'src_len': src_len,
       'tgt_len': tgt_len, 'dtype': cfg.dtype,
   }

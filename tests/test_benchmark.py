@@ -23,7 +23,8 @@ REQUIRED = ('variant', 'kind', 'cache', 'batch', 'src_len', 'tgt_len',
             'fraction_of_compute_floor', 'device_gbps', 'device_tflops',
             'platform', 'jax_version', 'median_s', 'reps', 'command',
             'git_commit', 'attention_impl', 'cache_layout')
-DECODERS = (('greedy', 'padded'), ('greedy', 'growing'), ('beam4', 'padded'))
+DECODERS = (('greedy', 'padded'), ('greedy', 'growing'), ('beam4', 'padded'),
+            ('beam4', 'growing'))
 
 
 def tiny(num_kv_heads: int) -> ModelConfig:
@@ -84,20 +85,25 @@ def test_mqa_moves_fewer_bytes_than_mha(bench):
     mha, mqa = rows[('mha', kind, cache)], rows[('mqa', kind, cache)]
     assert mqa['bytes_per_step'] < mha['bytes_per_step'], (kind, cache)
     assert mqa['kv_cache_bytes'] < mha['kv_cache_bytes'], (kind, cache)
-  assert (rows[('mha', 'greedy', 'growing')]['bytes_per_step'] <
-          rows[('mha', 'greedy', 'padded')]['bytes_per_step'])
+  for kind in ('greedy', 'beam4'):
+    assert (rows[('mha', kind, 'growing')]['bytes_per_step'] <
+            rows[('mha', kind, 'padded')]['bytes_per_step'])
+  # Beam floors count the reorder (read + write of the self K/V), greedy has none.
+  assert rows[('mha', 'greedy', 'padded')]['reorder_bytes_per_step'] == 0
+  beam = rows[('mha', 'beam4', 'padded')]
+  assert 0 < beam['reorder_bytes_per_step'] < beam['bytes_per_step']
 
 
 def test_outputs(bench):
   out, rows, markdown = bench
-  assert len(rows) == 10 and all(r['command'].startswith('pytest') for r in rows)
+  assert len(rows) == 12 and all(r['command'].startswith('pytest') for r in rows)
   with open(os.path.join(out, 'table2.md')) as f:
     assert f.read() == markdown
   table = markdown.split('\n\n')[1].splitlines()  # Header, rule, one per variant.
   assert [line.split(' | ')[0] for line in table[2:]] == ['| mha', '| mqa']
   assert ' + ' in table[2]  # 'enc + dec' cells.
   scalars = metrics.read_jsonl(os.path.join(out, metrics.METRICS_FILE))[0]
-  assert scalars['step'] == 0 and len(scalars) == 11
+  assert scalars['step'] == 0 and len(scalars) == 13
   assert scalars['benchmark/mqa/greedy_growing_us_per_token'] > 0
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
 

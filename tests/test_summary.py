@@ -59,7 +59,7 @@ def test_decode_traffic_and_cache():
   floor = lambda s: s['decode_bytes_per_token_growing'] / 2.84e12 * 1e6
   assert floor(mha) == pytest.approx(1.75, abs=0.01)
   assert floor(mqa) == pytest.approx(0.296, abs=0.005)
-  assert mha['decode_reorder_bytes_per_step'] == 0  # Greedy: nothing to reorder.
+  assert mha['decode_reorder_bytes_per_step_padded'] == 0  # Greedy: no reorder.
 
 
 def test_beam_reorder_moves_the_whole_self_cache_twice():
@@ -67,7 +67,8 @@ def test_beam_reorder_moves_the_whole_self_cache_twice():
   cfg = ModelConfig.from_config(c.model, c.data.vocab_size)
   beam = summary.analyze(cfg, 256, 128, 128, beam_size=4)
   per_row = 128 * beam['kv_cache_bytes_per_token']  # Every position of the cache.
-  assert beam['decode_reorder_bytes_per_step'] == 2 * 256 * 4 * per_row
+  assert beam['decode_reorder_bytes_per_step_padded'] == 2 * 256 * 4 * per_row
+  assert beam['decode_reorder_bytes_per_step_growing'] == 2 * 256 * 4 * per_row * 64.5 / 128
 
 
 def test_matched_d_ff_rule():
