@@ -400,7 +400,7 @@ def run(variants: dict[str, ModelConfig], *,
                   tgt_len=tgt_len, reps=reps, **d)
 
     def graph(cfg):
-      return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+      return train_lib.abstract_model(cfg)[0]
 
     def measure(kind, cache, batch, impl, layout, fn):
       try:

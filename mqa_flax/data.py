@@ -375,11 +375,15 @@ class PackedBatches:
     tgt_len = np.diff(self._examples.tgt_offsets)
     rows, src_fill, tgt_fill = 1, 0, 0
     for i in self.epoch_order(0):
-      if src_fill + src_len[i] > self._max_len or tgt_fill + tgt_len[i] > self._max_len:
+      if self._overflows(src_fill, tgt_fill, src_len[i], tgt_len[i]):
         rows, src_fill, tgt_fill = rows + 1, 0, 0
       src_fill += src_len[i]
       tgt_fill += tgt_len[i]
     return max(1, math.ceil(rows / self._rows))
+
+  def _overflows(self, src_fill: int, tgt_fill: int, src_len: int, tgt_len: int) -> bool:
+    """Whether a pair must start a new row: a side would not fit in this one."""
+    return src_fill + src_len > self._max_len or tgt_fill + tgt_len > self._max_len
 
   def get_state(self) -> dict[str, int]:
     """Returns the position after the last batch returned (JSON-able)."""
@@ -402,7 +406,7 @@ class PackedBatches:
     while True:
       i = self._order[self._cursor]
       src, tgt = self._examples.src(i), self._examples.tgt(i)
-      if src_fill + len(src) > self._max_len or tgt_fill + len(tgt) > self._max_len:
+      if self._overflows(src_fill, tgt_fill, len(src), len(tgt)):
         row += 1
         if row == self._rows:
           return batch

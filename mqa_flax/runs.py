@@ -55,8 +55,7 @@ def restore(workdir: str, step: int | None = None,
     raise FileNotFoundError(f'{workdir} holds no vocabulary (spm.model)')
   tokenizer = Tokenizer(spm)
   cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
-  graphdef = train_lib.model_graphdef(cfg)
-  abstract = train_lib.abstract_params(cfg)
+  graphdef, abstract = train_lib.abstract_model(cfg)
   record = ckpt_lib.read_best(workdir) if best and step is None else None
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   saved = ', '.join(map(str, ckpt.manager.all_steps())) or 'none'

@@ -141,23 +141,20 @@ def _replicated(tree: Any, mesh: Mesh | None) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
-  """The model's graph (structure without arrays), built without allocating."""
-  return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-
-
-def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
-  """Replicated shapes of the parameters alone (for restoring to decode)."""
-  shapes = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))),
-                     nnx.Param)
-  return _replicated(shapes, mesh)
+def abstract_model(cfg: ModelConfig,
+                   mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph and the replicated shapes of its parameters, built
+  without allocating (for restoring the parameters alone, to decode)."""
+  graphdef, shapes = nnx.split(
+      nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return graphdef, _replicated(shapes, mesh)
 
 
 def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation,
                    mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """The graph and the replicated shapes of a train state (for restoring)."""
   shapes = jax.eval_shape(_init_fn(cfg, tx), jnp.zeros((), jnp.int32))
-  return model_graphdef(cfg), _replicated(shapes, mesh)
+  return abstract_model(cfg)[0], _replicated(shapes, mesh)
 
 
 def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
