@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging as logging_std
 import math
 import os
 import socket
@@ -84,12 +85,29 @@ def _quiet_closed_loop(hook):
   return quiet
 
 
+class _QuietFailedReads(logging_std.Filter):
+  """Drops asyncio's 'exception was never retrieved' for failed tensorstore reads.
+
+  When one array of a checkpoint cannot be read, orbax raises that error and
+  leaves the other failed reads unretrieved; asyncio logs each with its
+  traceback when it is garbage-collected, burying the one-line error.
+  """
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('exception was never retrieved' in message
+                and 'tensorstore_spec' in message)
+
+
 def _read(what: str, step: int, fn, *args, **kwargs) -> Any:
   """`fn(*args, **kwargs)`, with any failure to read reported as CheckpointDamaged."""
   # After a failed read, the reads still in flight finish after orbax's event
   # loop closed, each printing a traceback that would bury the error.
   if not getattr(sys.unraisablehook, 'quiet', False):
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+  asyncio_logger = logging_std.getLogger('asyncio')
+  if not any(isinstance(f, _QuietFailedReads) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietFailedReads())
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
