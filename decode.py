@@ -14,7 +14,6 @@ vocabulary and config.json. benchmark times random weights for each of
 empty.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -24,11 +23,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from configs import variants as variant_lib
 from mqa_flax import data
 from mqa_flax import errors
 from mqa_flax import runs
-from mqa_flax.config import ModelConfig
+from mqa_flax.config import ModelConfig, load_config, set_values
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (benchmark); default: the workdir\'s config.json.',
@@ -56,7 +54,6 @@ _ALPHA = flags.DEFINE_float('alpha', None, 'Length penalty; default config.decod
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Sentences per batch; default config.')
 _STEP = flags.DEFINE_integer('step', None, 'Train checkpoint step (default: the '
                              "run's best parameters on dev, else the latest).")
-_TRANSLATE_BLOCK = 512  # translate: lines sorted by length and written together.
 _VARIANTS = flags.DEFINE_list('variants', [], 'benchmark: variants of --config.')
 _OUT = flags.DEFINE_string('out', None, 'benchmark: output directory (default workdir).')
 _B_BATCH = flags.DEFINE_list('bench_batch', ['1024'],
@@ -87,7 +84,7 @@ def _beam_sizes() -> list[int | None]:
   return sizes
 
 
-def run_bleu(workdir: str) -> list[dict]:
+def bleu_mode(workdir: str) -> list[dict]:
   """Scores every --split and --test_sets at every --beam_size, one restore."""
   named = [(_NAME.value if len(_SPLIT.value) == 1 else None, s) for s in _SPLIT.value]
   for item in _TEST_SETS.value:
@@ -96,60 +93,32 @@ def run_bleu(workdir: str) -> list[dict]:
       raise app.UsageError(f'--test_sets item {item!r}: expected name=path_prefix')
     named.append((name, spec))
   run = runs.restore(workdir, _STEP.value, _CONFIG.value)
-  entries = []
-  for beam in _beam_sizes():
-    beam = run.config.decode.beam_size if beam is None else beam
-    for name, split in named:
-      entry = runs.score_split(run, split, beam, name, _ALPHA.value, _BATCH.value,
-                               progress=True)
-      search = 'greedy' if beam == 1 else f'beam{beam}'
-      print(f"{name or split} {search}: BLEU {entry['bleu_13a']:.2f} "
-            f"({entry['signature_13a']}), intl {entry['bleu_intl']:.2f}, "
-            f"lowercased {entry['bleu_13a_lc']:.2f} [{run.checkpoint} checkpoint, "
-            f"step {run.step}]", flush=True)
-      if 'not_written' in entry:
-        logging.error('%s %s: hypotheses and bleu.json not written: %s',
-                      name or split, search, entry['not_written'])
-      entries.append(entry)
-  unsaved = [e['not_written'] for e in entries if 'not_written' in e]
-  if unsaved:
-    raise errors.UserError(f'the scores above were printed but not recorded in '
-                           f'{workdir} ({unsaved[0]}): make it writable and rerun')
-  return entries
+  return runs.score_splits(run, named, _beam_sizes(), _ALPHA.value, _BATCH.value,
+                           report=lambda line: print(line, flush=True))
 
 
-def run_translate(workdir: str) -> None:
-  """Translates lines of --input into --output, one output line per input line.
-
-  Lines split at '\\n' only, as in training. Output is written in input order
-  block by block as it is finished, so a stopped run keeps what it translated.
-  """
+def translate_mode(workdir: str) -> None:
+  """Translates lines of --input into --output, one output line per input line
+  (lines split at '\\n' only, as in training)."""
   beams = _beam_sizes()
   if len(beams) > 1:
     raise app.UsageError('translate takes one --beam_size')
-  name = 'stdin' if _INPUT.value == '-' else _INPUT.value
   if _INPUT.value == '-':
     raw = sys.stdin.buffer.read()
   else:
     with open(_INPUT.value, 'rb') as f:  # A bad path fails before the model loads.
       raw = f.read()
-  lines = data.split_lines(raw, name, _INVALID_UTF8.value)
-  out = (sys.stdout if _OUTPUT.value == '-' else
-         open(_OUTPUT.value, 'w', encoding='utf-8', newline='\n'))
-  run = runs.restore(workdir, _STEP.value, _CONFIG.value)
-  done = 0
+  lines = data.split_lines(raw, 'stdin' if _INPUT.value == '-' else _INPUT.value,
+                           _INVALID_UTF8.value)
+  to_stdout = _OUTPUT.value == '-'
+  out = sys.stdout if to_stdout else open(_OUTPUT.value, 'w', encoding='utf-8',
+                                          newline='\n')
   try:
-    for start in range(0, len(lines), _TRANSLATE_BLOCK):
-      hyps = runs.translate_run(run, lines[start:start + _TRANSLATE_BLOCK], beams[0],
-                                _ALPHA.value, _BATCH.value, progress=_OUTPUT.value != '-')
-      out.writelines(' '.join(h.splitlines()) + '\n' for h in hyps)
-      out.flush()
-      done += len(hyps)
-  except (KeyboardInterrupt, errors.Stopped):
-    raise errors.Stopped(f'stopped after translating {done} of {len(lines)} lines '
-                         f'(written to {_OUTPUT.value if out is not sys.stdout else "stdout"})')
+    run = runs.restore(workdir, _STEP.value, _CONFIG.value)
+    runs.translate_lines(run, lines, out, 'stdout' if to_stdout else _OUTPUT.value,
+                         beams[0], _ALPHA.value, _BATCH.value, progress=not to_stdout)
   finally:
-    if out is not sys.stdout:
+    if not to_stdout:
       out.close()
 
 
@@ -157,22 +126,18 @@ def _variant_configs() -> dict[str, ModelConfig]:
   """ModelConfigs for --variants of --config's file, with its overrides."""
   flag = flags.FLAGS['config']
   path = config_flags.get_config_filename(flag).partition(':')[0]
-  spec = importlib.util.spec_from_file_location('_bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   _, _, arg = flag.serialize().partition(':')
-  suffix = ''.join(',' + f for f in arg.split(',')[1:])
+  suffix = ''.join(',' + f for f in arg.split(',')[1:])  # ',tiny' applies to all.
   out = {}
   for v in _VARIANTS.value:
-    c = module.get_config(v + suffix)
-    variant_lib.set_values(c, config_flags.get_override_values(flag))
+    c = set_values(load_config(path, v + suffix), config_flags.get_override_values(flag))
     out[v] = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
   return out
 
 
-def run_benchmark() -> str:
+def benchmark_mode() -> str:
   """Times encoder, greedy and beam-4 decoding and a train step per token."""
-  from mqa_flax import benchmark  # pylint: disable=g-import-not-at-top
+  from mqa_flax import benchmark, metrics, report  # pylint: disable=g-import-not-at-top
   states = None
   if _VARIANTS.value:
     if _CONFIG.value is None:
@@ -187,17 +152,14 @@ def run_benchmark() -> str:
   train_rows, train_len = (int(x) for x in _B_TRAIN.value)
   out = _OUT.value or _WORKDIR.value or 'runs/benchmark'
   command = ' '.join(sys.argv)
-  emit = benchmark.row_appender(out, command)  # Each row as it is measured.
-  impls = benchmark.parse_impls(_B_IMPLS.value) or None
-  rows = []
-  for i, batch in enumerate(int(b) for b in _B_BATCH.value):
-    kinds = [k for k in _B_KINDS.value if i == 0 or k in ('encoder', 'greedy')]
-    rows += benchmark.run(
-        variants, states=states, batch=batch, src_len=_B_SRC.value,
-        tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value, train_batch=train_rows,
-        train_len=train_len, reps=_B_REPS.value, kinds=tuple(kinds),
-        impls=impls, emit=emit)
-  table = benchmark.write_outputs(rows, out, command, append=False)
+  emit = metrics.jsonl_appender(os.path.join(out, 'benchmark.jsonl'), command=command,
+                                git_commit=metrics.git_commit())
+  rows = benchmark.run_at_batches(
+      variants, [int(b) for b in _B_BATCH.value], _B_KINDS.value, states=states,
+      src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,
+      train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
+      impls=benchmark.parse_impls(_B_IMPLS.value) or None, emit=emit)
+  table = report.write_benchmark(rows, out)
   print(table)
   print(f'wrote {out}/benchmark.jsonl and {out}/table2.md')
   return table
@@ -213,20 +175,17 @@ def check_one_process() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   check_one_process()
-  logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
   logging.info('JAX %s on %s', jax.__version__, jax.devices()[0].device_kind)
   if _MODE.value == 'benchmark':
-    run_benchmark()
-    return
-  if not _WORKDIR.value:
+    benchmark_mode()
+  elif not _WORKDIR.value:
     raise app.UsageError(f'--mode={_MODE.value} needs --workdir')
-  if _MODE.value == 'bleu':
-    run_bleu(_WORKDIR.value)
+  elif _MODE.value == 'bleu':
+    bleu_mode(_WORKDIR.value)
   else:
-    run_translate(_WORKDIR.value)
+    translate_mode(_WORKDIR.value)
 
 
 if __name__ == '__main__':

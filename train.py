@@ -10,7 +10,6 @@ stopped by SIGTERM/SIGINT with a checkpoint saved (rerun to resume).
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -27,9 +26,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
+  del argv
   train_lib.maybe_initialize_distributed()  # Before anything touches devices.
   logging.info('JAX %s on %d %s device(s), process %d of %d', jax.__version__,
                jax.device_count(), jax.default_backend(), jax.process_index(),

@@ -51,17 +51,6 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.bleu_every = 0
 
 
-def set_values(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-  """Sets dotted keys (`{'model.num_kv_heads': 2}`), as command-line overrides do."""
-  for key, value in values.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
 def apply(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies `<variant>[,tiny]` to a multi-head baseline config, in place."""
   name, *flags = (arg or 'mha').split(',')

@@ -3,7 +3,7 @@
 Every timing compiles first (`compile_s`), runs `warmup` calls, then takes the
 median of `reps` calls, each ended by `jax.block_until_ready`. Rows, by kind:
 
-- `train`: one `train_lib.train_step` on a fully packed [batch, len] batch;
+- `train`: one `steps.train_step` on a fully packed [batch, len] batch;
   µs per target token.
 - `encoder`: the encoder and the cross-attention K/V projection (done once
   per sentence) on [batch, src_len]; µs per source token, which is µs per
@@ -23,29 +23,24 @@ fails to compile or run gives an error row and the others go on, and each
 row can be written out as soon as it is measured (`emit`).
 
 The decoder's cache is built outside the timed function. Each time sits
-beside a memory floor (`bytes_per_step` from `summary.analyze` over the
+beside a memory floor (`bytes_per_step` from `costs.analyze` over the
 measured copy bandwidth, beam rows including the bytes their cache reorder
 moves, `reorder_bytes_per_step`; decoding only: training and encoder traffic is not
 modelled, so those fields are null) and a compute floor (FLOPs per token from
-`summary.analyze` over the measured matmul throughput); `fraction_of_*` is
+`costs.analyze` over the measured matmul throughput); `fraction_of_*` is
 floor / measured, at most 1 up to noise. Decoder rows also give the traffic
-XLA put inside the compiled loop (`loop_traffic`): `loop_bytes_by_kind`, the
+XLA put inside the compiled loop (`hlo.loop_traffic`): `loop_bytes_by_kind`, the
 bytes per step of every op writing an array at least as large as one K/V
 cache leaf, by what it computes, and `loop_cache_copy_bytes_per_step`, its
 copying part (0 when the cache is updated in place and read as stored).
 Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 
-import collections
 import dataclasses
 import datetime
 import functools
-import json
 import math
-import os
-import re
 import statistics
-import subprocess
 import time
 from typing import Any, Callable, Sequence
 
@@ -56,21 +51,21 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from mqa_flax import costs
 from mqa_flax import decoding
-from mqa_flax import metrics
-from mqa_flax import report
-from mqa_flax import summary
-from mqa_flax import train_lib
+from mqa_flax import hlo
+from mqa_flax import state as state_lib
+from mqa_flax import steps
 from mqa_flax.config import ModelConfig
-from mqa_flax.model import Cache, Transformer, cache_bytes
+from mqa_flax.model import Cache, Transformer, abstract_model, cache_bytes
 
 KINDS = ('encoder', 'greedy', 'beam4', 'train')
 CACHE_MODES = ('padded', 'growing')
 _NO_EOS = -1  # Matches no token, so every row decodes all tgt_len steps.
 _ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
               schedule='rsqrt', b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0)
-# summary.analyze traces the model on each call; a variant's rows share calls.
-_analyze = functools.lru_cache(summary.analyze)
+# costs.analyze traces the model on each call; a variant's rows share calls.
+_analyze = functools.lru_cache(costs.analyze)
 
 
 def _timed(fn: Callable, make_args: Callable[[Any], tuple], *, reps: int,
@@ -115,95 +110,6 @@ def measure_matmul_flops(dtype: str = 'float32', n: int | None = None,
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   _, _, sec = _timed(jnp.matmul, lambda _: (a, a), reps=reps, warmup=1)
   return 2 * n**3 / sec / 1e12
-
-
-_HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
-              'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
-# Ops whose result costs no traffic of its own.
-_NO_WRITE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
-             'while', 'call', 'conditional', 'after-all', 'partition-id'}
-# Kinds that copy data (an in-place dynamic-update-slice writes only its update).
-COPY_KINDS = ('copy', 'transpose', 'gather', 'concatenate', 'slice',
-              'dynamic-slice')
-
-
-def _parse_hlo(hlo_text: str) -> dict[str, dict[str, tuple[str, str, str]]]:
-  """computation -> op name -> (kind, result type, rest of the line)."""
-  comps, current = {}, None
-  for line in hlo_text.splitlines():
-    head = re.match(r'(?:ENTRY )?%([\w.\-]+) .*\{$', line)
-    op = re.match(r'\s*(ROOT )?%(\S+) = (.+?) ([a-z][\w\-]*)\((.*)$', line)
-    if head:
-      current = comps.setdefault(head.group(1), {})
-    elif op and current is not None:
-      root, name, typ, kind, rest = op.groups()
-      current[name] = (kind, typ, rest)
-      if root:
-        current['ROOT'] = current[name]
-  return comps
-
-
-def _root_kinds(comps: dict, fused: str) -> list[str]:
-  """What a fusion computes: its ROOT's op kind, per output of a tuple root."""
-  ops = comps.get(fused, {})
-  kind, _, rest = ops.get('ROOT', ('fusion', '', ''))
-  names = re.findall(r'%([\w.\-]+)', rest.split(')')[0]) if kind == 'tuple' else []
-  roots = [ops[n] for n in names if n in ops] or [ops.get('ROOT', (kind, '', rest))]
-  out = []
-  for kind, _, rest in roots:
-    while kind == 'bitcast':  # A bitcast only renames; look at what it renames.
-      operand = re.match(r'[^%]*%([\w.\-]+)', rest)
-      if not operand or operand.group(1) not in ops:
-        break
-      kind, _, rest = ops[operand.group(1)]
-    out.append(kind)
-  return out
-
-
-def loop_traffic(hlo_text: str, min_bytes: int,
-                 every_body: bool = False) -> dict[str, int] | list[dict[str, int]]:
-  """Bytes written per iteration, by op kind, of arrays >= min_bytes in while loops.
-
-  Reads compiled HLO text. For every while-loop body, every op whose result
-  (or an element of a tuple result) has at least `min_bytes` bytes (one K/V
-  cache leaf, say) counts under its kind; a fusion counts under what its
-  ROOT computes (XLA names an in-place update `copy_dynamic-update-slice_fusion`
-  and a layout change may be a `copy_bitcast_fusion`). Returns the body with
-  the most bytes (or, with `every_body`, one dict per body, in the order
-  the HLO defines them): with one step per iteration, bytes per step. A
-  `dynamic-update-slice` is the in-place cache update (its operand buffer is
-  reused, only the update is written); COPY_KINDS are real copies.
-  """
-  comps = _parse_hlo(hlo_text)
-  bodies = dict.fromkeys(re.findall(r'body=%([\w.\-]+)', hlo_text))
-  best: dict[str, int] = {}
-  every = []
-  for body in bodies:
-    per_kind = collections.Counter()
-    for name, (kind, typ, rest) in comps.get(body, {}).items():
-      if name == 'ROOT' or kind in _NO_WRITE:
-        continue
-      arrays = re.findall(r'(\w+)\[([\d,]*)\]', typ)
-      kinds = [kind] * len(arrays)
-      if kind == 'fusion':
-        fused = re.search(r'calls=%([\w.\-]+)', rest)
-        roots = _root_kinds(comps, fused.group(1)) if fused else []
-        kinds = roots if len(roots) == len(arrays) else [
-            roots[0] if roots else kind] * len(arrays)
-      for (dtype, dims), k in zip(arrays, kinds):
-        nbytes = _HLO_BYTES.get(dtype, 4) * math.prod(
-            int(d) for d in dims.split(',') if d)
-        if nbytes >= min_bytes and k not in _NO_WRITE:
-          per_kind[k] += nbytes
-    every.append(dict(per_kind))
-    if sum(per_kind.values()) > sum(best.values()):
-      best = dict(per_kind)
-  return every if every_body else best
-
-
-def cache_copy_bytes(by_kind: dict[str, int]) -> int:
-  """The COPY_KINDS part of `loop_traffic`'s result."""
-  return sum(v for k, v in by_kind.items() if k in COPY_KINDS)
 
 
 def _fields(bytes_per_step: float | None, steps: int, tokens: int,
@@ -280,13 +186,13 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   fn = decode_fn(graphdef, b, beams, t, chunk if mode == 'growing' else None)
   compiled, compile_s, sec = _timed(
       fn, lambda _: (params, make_cache(params, inputs)), **timing)
-  by_kind = loop_traffic(compiled.as_text(), leaf)
+  by_kind = hlo.loop_traffic(compiled.as_text(), leaf)
   reorder = stats[f'decode_reorder_bytes_per_step_{mode}']  # 0 without beams.
   return dict(
-      kind='greedy' if beams == 1 else f'beam{beams}', cache=mode, batch=b,
+      kind=decoding.search_name(beams), cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
       loop_bytes_by_kind=by_kind,
-      loop_cache_copy_bytes_per_step=cache_copy_bytes(by_kind),
+      loop_cache_copy_bytes_per_step=hlo.cache_copy_bytes(by_kind),
       reorder_bytes_per_step=reorder,
       **_fields(stats[f'decode_bytes_per_step_{mode}'] + reorder, t, b * t,
                 beams * stats['decode_flops_per_token'], sec, dev))
@@ -295,7 +201,7 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
 def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                 b: int, length: int, opt_config: ml_collections.ConfigDict,
                 seed: int, dev: dict, timing: dict) -> dict:
-  tx = train_lib.make_optimizer(opt_config, 1)
+  tx = state_lib.make_optimizer(opt_config, 1)
   ids = _random_ids(seed, (b, length), cfg.vocab_size)
   ones = jnp.ones_like(ids)
   pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
@@ -303,8 +209,8 @@ def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                targets_segmentation=ones, inputs_position=pos,
                targets_position=pos)
   params = jax.tree.map(jnp.copy, params)  # The step donates its state.
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  step = functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
+  state = state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  step = functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                            label_smoothing=0.1)
   rng = jax.random.key(seed)
   _, compile_s, sec = _timed(step, lambda out: (out[0] if out else state, batch, rng),
@@ -328,18 +234,6 @@ def _error_row(kind: str, cache: str | None, batch: int, err: Exception) -> dict
                 batch, type(err).__name__, err)
   return dict(kind=kind, cache=cache, batch=batch, us_per_token=None,
               error=f'{type(err).__name__}: {err}'[:2000])
-
-
-def row_appender(out_dir: str, command: str) -> Callable[[dict], None]:
-  """A function appending one row to out_dir/benchmark.jsonl, flushed at once."""
-  os.makedirs(out_dir, exist_ok=True)
-  commit = _git_commit()
-
-  def append(row: dict) -> None:
-    with open(os.path.join(out_dir, 'benchmark.jsonl'), 'a') as f:
-      f.write(json.dumps(dict(row, command=command, git_commit=commit)) + '\n')
-      f.flush()
-  return append
 
 
 def run(variants: dict[str, ModelConfig], *,
@@ -366,10 +260,11 @@ def run(variants: dict[str, ModelConfig], *,
     impls: (attention_impl, cache_layout) pairs; each decoder row is timed
       for each, in this order (default: the variant's own). The encoder is
       timed with the first, training with its own config ('xla').
-    emit: called with each row as soon as it is measured (e.g. `row_appender`).
+    emit: called with each row as soon as it is measured (e.g.
+      `metrics.jsonl_appender`).
       A row that fails to compile or run becomes an error row (field `error`,
       us_per_token None) and the others go on.
-    opt_config: `config.opt` for `train_lib.make_optimizer`; default AdamW.
+    opt_config: `config.opt` for `state.make_optimizer`; default AdamW.
   """
   if set(kinds) - set(KINDS) or set(cache_modes) - set(CACHE_MODES):
     raise ValueError(f'kinds={kinds} must be from {KINDS} and '
@@ -400,7 +295,7 @@ def run(variants: dict[str, ModelConfig], *,
                   tgt_len=tgt_len, reps=reps, **d)
 
     def graph(cfg):
-      return train_lib.abstract_model(cfg)[0]
+      return abstract_model(cfg)[0]
 
     def measure(kind, cache, batch, impl, layout, fn):
       try:
@@ -412,10 +307,10 @@ def run(variants: dict[str, ModelConfig], *,
       if emit:
         emit(row)
 
-    def decoder_row(b, k, mode, impl, layout):
+    def decoder_row(b, beams, mode, impl, layout):
       cfg = dataclasses.replace(base_cfg, attention_impl=impl,
                                 cache_layout=layout)
-      return _time_decoder(cfg, graph(cfg), infer, b, k, mode, src_len,
+      return _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
                            tgt_len, chunk, seed, d, timing)
 
     if 'encoder' in kinds:
@@ -426,9 +321,9 @@ def run(variants: dict[str, ModelConfig], *,
                 lambda b=b: _time_encoder(first, graph(first), infer, b,
                                           src_len, tgt_len, seed, d, timing))
     for impl, layout in pairs:
-      for b, k, mode in decoders:
-        measure('greedy' if k == 1 else f'beam{k}', mode, b, impl, layout,
-                functools.partial(decoder_row, b, k, mode, impl, layout))
+      for b, beams, mode in decoders:
+        measure(decoding.search_name(beams), mode, b, impl, layout,
+                functools.partial(decoder_row, b, beams, mode, impl, layout))
     if 'train' in kinds:
       cfg = dataclasses.replace(base_cfg, attention_impl='xla')
       measure('train', None, train_batch, 'xla', cfg.cache_layout,
@@ -437,65 +332,12 @@ def run(variants: dict[str, ModelConfig], *,
   return rows
 
 
-def _git_commit() -> str | None:
-  try:
-    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True,
-                          text=True, check=True,
-                          cwd=os.path.dirname(__file__)).stdout.strip() or None
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
-def write_outputs(rows: Sequence[dict], out_dir: str, command: str,
-                  append: bool = True) -> str:
-  """Writes table2.md and TensorBoard scalars (and, if `append`, benchmark.jsonl).
-
-  Returns the markdown: `report.table2` of these rows, the device
-  measurements, each row's compute floor and in-loop traffic, and errors.
-  Pass append=False when the rows were already written by `row_appender`.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  if append:
-    emit = row_appender(out_dir, command)
-    for r in rows:
-      emit(r)
-  good = [r for r in rows if r.get('us_per_token') is not None]
-  failed = [r for r in rows if r.get('error')]
-  devices = dict.fromkeys(
-      f"{r['device']} ({r['dtype']}): copy {r['device_gbps']:.0f} GB/s, "
-      f"matmul {report.num(r['device_tflops'])} TFLOP/s" for r in good)
-  copies = lambda r: (report.DASH if r.get('loop_cache_copy_bytes_per_step') is None
-                      else f"{r['loop_cache_copy_bytes_per_step'] / 1e6:.3g}")
-  kinds = lambda r: ', '.join(f'{k} {v / 1e6:.3g}' for k, v in sorted(
-      (r.get('loop_bytes_by_kind') or {}).items())) or report.DASH
-  floors = [[r['variant'], r['kind'], r['cache'] or report.DASH,
-             report.impl_label(r), r['batch'],
-             report.num(r['flops_per_token'] / 1e6),
-             report.num(r['compute_floor_us_per_token']),
-             f"{r['fraction_of_compute_floor']:.3f}", copies(r), kinds(r)]
-            for r in good]
-  text = (report.table2(rows) + '\nMeasured: ' + '; '.join(devices) +
-          '. Memory floor: bytes per token / copy bandwidth (decoding only). '
-          'Compute floor: FLOPs per token / matmul throughput.\n\n'
-          '### Compute floor and in-loop traffic\n\n' + report.md_table(
-              ['variant', 'kind', 'cache', 'impl', 'batch', 'MFLOP/token',
-               'compute floor (µs/token)', 'fraction of compute floor',
-               'cache copied per step (MB)',
-               'cache-sized writes per step by op (MB)'], floors))
-  if failed:
-    text += '\n### Errors\n\n' + report.md_table(
-        ['variant', 'kind', 'cache', 'impl', 'error'],
-        [[r.get('variant'), r['kind'], r['cache'] or report.DASH,
-          report.impl_label(r), r['error'].splitlines()[0][:200]]
-         for r in failed])
-  with open(os.path.join(out_dir, 'table2.md'), 'w') as f:
-    f.write(text)
-  many = len({report.impl_label(r) for r in good}) > 1
-  writer = metrics.MetricWriter(out_dir)
-  writer.write_scalars(0, {
-      f"benchmark/{r['variant']}/{r['kind']}"
-      f"{'_' + r['cache'] if r['cache'] else ''}"
-      f"{'_' + report.impl_label(r).replace('/', '_') if many else ''}"
-      "_us_per_token": r['us_per_token'] for r in good})
-  writer.close()
-  return text
+def run_at_batches(variants: dict[str, ModelConfig], batches: Sequence[int],
+                   kinds: Sequence[str] = KINDS, **kwargs) -> list[dict]:
+  """`run` at the first of `batches` for every kind, then the encoder and
+  greedy decoding at each other batch (decoder time against batch)."""
+  rows = []
+  for i, batch in enumerate(batches):
+    rows += run(variants, batch=batch, **kwargs,
+                kinds=tuple(k for k in kinds if i == 0 or k in ('encoder', 'greedy')))
+  return rows

@@ -211,16 +211,21 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         fingerprint=ocp.args.JsonRestore()))['fingerprint']
 
-  def restore(self, abstract_state: Any,
-              step: int | None = None) -> tuple[Any, list[dict[str, int]]]:
-    """Restores the latest (or given) step into `abstract_state`'s structure."""
+  def _restore(self, step: int | None, **items: Any) -> dict[str, Any]:
+    """Restores `items` (orbax restore args) of a step, verified against its checksums."""
     step = self.manager.latest_step() if step is None else step
     what = f'checkpoint step {step} in {self.directory}'
     expected = _read(what, step, self._fingerprint, step)
-    restored = _read(what, step, self.manager.restore, step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
+    restored = _read(what, step, self.manager.restore, step,
+                     args=ocp.args.Composite(**items))
     verify(restored['state'], expected, what, step)
+    return restored
+
+  def restore(self, abstract_state: Any,
+              step: int | None = None) -> tuple[Any, list[dict[str, int]]]:
+    """Restores the latest (or given) step into `abstract_state`'s structure."""
+    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                             data=ocp.args.JsonRestore())
     return restored['state'], restored['data']
 
   def restore_intact(self, abstract_state: Any) -> tuple[Any, list[dict[str, int]]] | None:
@@ -258,17 +263,16 @@ class Checkpointer:
     self.manager.reload()
 
   def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-    """Restores only the parameters of a train state (for decoding)."""
-    step = self.manager.latest_step() if step is None else step
-    what = f'checkpoint step {step} in {self.directory}'
-    expected = _read(what, step, self._fingerprint, step)
-    restored = _read(what, step, self.manager.restore, step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            {'params': abstract_params},
-            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
-                sharding=x.sharding), {'params': abstract_params}),
-            partial_restore=True)))
-    verify(restored['state'], expected, what, step)
+    """Restores only the parameters of a train state (for decoding).
+
+    A Checkpointer restores either whole states or parameters alone: orbax
+    keeps the first way it read the 'state' item.
+    """
+    restored = self._restore(step, state=ocp.args.PyTreeRestore(
+        {'params': abstract_params},
+        restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                  {'params': abstract_params}),
+        partial_restore=True))
     return restored['state']['params']
 
   def close(self) -> None:

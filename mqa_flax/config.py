@@ -1,9 +1,21 @@
-"""The model's frozen configuration and the parameter-matching rule for d_ff."""
+"""The model's frozen configuration, the d_ff matching rule, config files by path.
+
+Config files (`configs/*.py`) are not part of the package: entry points load
+them by path (`--config=configs/paper.py:mqa` through `config_flags`, or
+`load_config`), as the flax examples do. They import their siblings as
+`configs.<name>`, so the directory holding `configs/` (the repository root)
+must be on the import path: it is when a command runs from there.
+"""
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
+
+from mqa_flax.errors import UserError
 
 KV_SCOPES = ('all', 'decoder')
 POS_EMBEDDINGS = ('learned', 'sinusoidal')
@@ -68,11 +80,17 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model_cfg: Any, vocab_size: int,
                   decode_cfg: Any = None) -> 'ModelConfig':
-    """Builds from `config.model` (and `config.decode`'s implementation choices)."""
+    """Builds from `config.model` (and `config.decode`'s implementation choices).
+
+    Raises UserError naming the bad value.
+    """
     extra = {} if decode_cfg is None else dict(
         attention_impl=decode_cfg.attention_impl,
         cache_layout=decode_cfg.cache_layout)
-    return cls(**model_cfg.to_dict(), vocab_size=vocab_size, **extra)
+    try:
+      return cls(**model_cfg.to_dict(), vocab_size=vocab_size, **extra)
+    except (TypeError, ValueError) as e:
+      raise UserError(f'{e} (fix the --config.model or --config.decode values)') from e
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> None:
@@ -114,3 +132,34 @@ def matched_d_ff(base: dict[str, int], num_heads: int, num_kv_heads: int,
   saved = d * (enc * (mha - var_enc) + 2 * dec * (mha - var))
   extra = saved / (2 * d * (enc + dec))
   return base['d_ff'] + 8 * round(extra / 8)
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`, loaded as config_flags does."""
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path} does not exist (paths are relative to '
+                    'the directory the command runs in, e.g. the repository root)')
+  spec = importlib.util.spec_from_file_location(
+      '_config_' + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except ModuleNotFoundError as e:
+    if e.name != 'configs':
+      raise
+    raise UserError(f'{path} imports the configs/ folder, which is not on the '
+                    'import path: run the command from the repository root') from None
+  return module.get_config(arg)
+
+
+def set_values(config: ml_collections.ConfigDict,
+               values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys (`{'model.num_kv_heads': 2}`) in place, as command-line
+  overrides do, and returns `config`."""
+  for key, value in values.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -35,8 +34,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mqa_flax import checkpoint as ckpt_lib
+from mqa_flax import errors
 from mqa_flax import runs
-from mqa_flax import train_lib
+from mqa_flax import state as state_lib
 from mqa_flax.config import KV_SCOPES, ModelConfig, check_heads
 
 
@@ -84,11 +84,10 @@ def convert(src_workdir: str, dst_workdir: str, num_kv_heads: int) -> str:
   config.model.num_kv_heads = num_kv_heads
   config.variant = f'{config.variant}_uptrain_kv{num_kv_heads}'
   cfg = ModelConfig.from_config(config.model, run.tokenizer.vocab_size)
-  tx = train_lib.make_optimizer(config.opt, config.num_train_steps)
-  _, abstract = train_lib.abstract_state(cfg, tx)
+  _, abstract = state_lib.abstract_params(cfg)
   shapes = lambda tree: {jax.tree_util.keystr(p): x.shape
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  assert shapes(params) == shapes(abstract.params), 'pooled shapes differ'
+  assert shapes(params) == shapes(abstract), 'pooled shapes differ'
 
   os.makedirs(dst_workdir, exist_ok=True)
   shutil.copy(os.path.join(src_workdir, 'spm.model'), dst_workdir)
@@ -101,8 +100,9 @@ def convert(src_workdir: str, dst_workdir: str, num_kv_heads: int) -> str:
     json.dump({'workdir': os.path.abspath(src_workdir), 'step': run.step,
                'num_kv_heads': k_src}, f, indent=1)
   # On the host: saving one copy is faster than gathering device replicas.
+  tx = state_lib.make_optimizer(config.opt, config.num_train_steps)
   state = jax.device_get(
-      train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
+      state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
   ckpt = ckpt_lib.Checkpointer(dst_workdir, config.keep_checkpoints)
   ckpt.save(0, state, [{'epoch': 0, 'cursor': 0}], force=True)
   ckpt.close()
@@ -117,13 +117,11 @@ _KV = flags.DEFINE_integer('num_kv_heads', 1, 'K of the converted model.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
+  del argv
   try:
     out = convert(_FROM.value, _TO.value, _KV.value)
-  except (ValueError, OSError) as e:
-    raise SystemExit(f'error: {e}') from None
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
   with open(os.path.join(out, 'config.json')) as f:
     variant = json.load(f)['variant']
   print(f'wrote {out}; fine-tune it with\n  python train.py '
@@ -134,4 +132,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['from', 'to'])
-  app.run(main)
+  errors.run(main)

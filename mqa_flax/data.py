@@ -239,14 +239,6 @@ class Examples:
   tgt_offsets: np.ndarray
   num_truncated: int = 0  # Pairs with a side cut to the maximum length.
 
-  @classmethod
-  def from_lists(cls, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]],
-                 num_truncated: int = 0) -> 'Examples':
-    """Builds Examples from ragged lists of ids (EOS already included)."""
-    if len(src) != len(tgt):
-      raise ValueError(f'{len(src)} sources but {len(tgt)} targets')
-    return cls(*_flatten(src), *_flatten(tgt), num_truncated)
-
   def __len__(self) -> int:
     return len(self.src_offsets) - 1
 
@@ -265,13 +257,6 @@ class Examples:
 
 def _longest(offsets: np.ndarray) -> int:
   return int(np.diff(offsets).max(initial=0))
-
-
-def _flatten(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  offsets = np.zeros(len(seqs) + 1, np.int64)
-  np.cumsum([len(s) for s in seqs], out=offsets[1:])
-  tokens = np.fromiter((t for s in seqs for t in s), np.int32, count=int(offsets[-1]))
-  return tokens, offsets
 
 
 def _encode(tokenizer: tokenizer_lib.Tokenizer, texts: Sequence[str],

@@ -7,17 +7,17 @@ after EOS. Everything runs in one `lax.while_loop`, so both functions are pure
 and jit-able, and no step waits on the host.
 
 Beam search cache contract: the callback sees `batch_size * beam_size` rows,
-sentence-major (row = b * beam_size + k). Every cache leaf whose leading axis
+sentence-major (row = b * beam_size + m). Every cache leaf whose leading axis
 has that size is per-beam and is gathered when beams are reordered; any other
 leaf (cross-attention K/V of shape [B, S, K, H], a scalar decode index) is
-shared and left untouched. `expand_to_beams` builds per-beam leaves. A
-cache laid out otherwise comes with its own `reorder` function.
+shared and left untouched. A cache laid out otherwise comes with its own
+`reorder` function.
 
 Lengths count the EOS token. With `max_lens`, row b emits EOS at step
 max_lens[b] - 1 at the latest, so it holds at most max_lens[b] tokens.
 `max_len` is a hard cap: a row that reaches it without EOS is truncated.
 
-Letters: B batch, K beams, T max_len, V vocab.
+Letters: B batch (sentences), M beams per sentence, T max_len, V vocab.
 """
 
 import dataclasses
@@ -31,9 +31,9 @@ Cache = Any
 TokensToLogits = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
 
 
-def expand_to_beams(x: jax.Array, beam_size: int) -> jax.Array:
-  """Repeats each row beam_size times along axis 0: [B, ...] -> [B*K, ...]."""
-  return jnp.repeat(x, beam_size, axis=0)
+def search_name(beam_size: int) -> str:
+  """'greedy' for one beam, else 'beam<M>': how results and rows are labelled."""
+  return 'greedy' if beam_size == 1 else f'beam{beam_size}'
 
 
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
@@ -135,21 +135,21 @@ def greedy_search(
 @dataclasses.dataclass(frozen=True)
 class BeamState:
   step: jax.Array  # [] int32, index of the token being produced.
-  alive_seqs: jax.Array  # [B, K, T] int32, no EOS inside.
-  alive_logp: jax.Array  # [B, K] float32, raw log-probabilities.
-  finished_seqs: jax.Array  # [B, K, T] int32, ending in EOS.
-  finished_scores: jax.Array  # [B, K] float32, length-penalised; -inf = empty.
+  alive_seqs: jax.Array  # [B, M, T] int32, no EOS inside.
+  alive_logp: jax.Array  # [B, M] float32, raw log-probabilities.
+  finished_seqs: jax.Array  # [B, M, T] int32, ending in EOS.
+  finished_scores: jax.Array  # [B, M] float32, length-penalised; -inf = empty.
   cache: Cache
 
 
 def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """Picks beams: x [B, K_in, ...] and idx [B, K_out] -> [B, K_out, ...]."""
+  """Picks beams: x [B, M_in, ...] and idx [B, M_out] -> [B, M_out, ...]."""
   idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
   return jnp.take_along_axis(x, idx, axis=1)
 
 
 def gather_rows(cache: Cache, rows: jax.Array, upto: int | None = None) -> Cache:
-  """The default beam reorder: per-beam leaves (leading axis B*K) take rows.
+  """The default beam reorder: per-beam leaves (leading axis B*M) take rows.
 
   Row i becomes old row rows[i]; other leaves are shared and left alone.
   `upto` (positions written so far, at most) is ignored: this contract does
@@ -176,17 +176,17 @@ def beam_search(
     reorder: Callable[..., Cache] = gather_rows,
     chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Beam search returning (sequences [B, K, T], scores [B, K]), best first.
+  """Beam search returning (sequences [B, M, T], scores [B, M]), best first.
 
   A finished hypothesis of n tokens (EOS included) with log-probability l
-  scores l / length_penalty(n, alpha). Each step takes the top 2K of the K*V
-  extensions, so that the best K non-EOS ones stay alive; every EOS extension
-  among those 2K competes with the finished set for its K places (the
+  scores l / length_penalty(n, alpha). Each step takes the top 2M of the M*V
+  extensions, so that the best M non-EOS ones stay alive; every EOS extension
+  among those 2M competes with the finished set for its M places (the
   finishing rule of tensor2tensor and the Flax WMT example). So beam_size=1
   need not equal greedy search: an EOS that was second best may finish and
   win (where greedy ends in EOS, beam 1 never scores below it).
 
-  A sentence is done when its worst finished score (-inf while fewer than K
+  A sentence is done when its worst finished score (-inf while fewer than M
   have finished) is >= its best alive log-prob divided by the largest penalty
   it can still reach: log-probs only fall and, for alpha >= 0, the penalty
   only grows with length, so stopping then never changes the result. A
@@ -197,9 +197,9 @@ def beam_search(
   Args:
     tokens_to_logits: callback over batch_size * beam_size rows, see the
       module doc for the cache contract.
-    cache: initial cache, per-beam leaves already expanded to B*K rows.
+    cache: initial cache, per-beam leaves already expanded to B*M rows.
     batch_size: number of sentences B.
-    beam_size: number of beams K.
+    beam_size: number of beams M.
     max_len: number of steps at most, T.
     eos_id: end-of-sentence id; positions after it are 0.
     alpha: length penalty exponent, >= 0.
@@ -208,7 +208,7 @@ def beam_search(
     stop_at_eos: if False, run exactly max_len steps (for timing); the result
       is the same.
     reorder: `reorder(cache, rows)` moves each per-beam row to where rows
-      [B*K] (new row -> old row) says; a model whose cache does not keep the
+      [B*M] (new row -> old row) says; a model whose cache does not keep the
       module doc's contract passes its own (`Transformer.reorder_cache`).
     chunk: as in `greedy_search`: the steps run as loops of `chunk` steps,
       calling `tokens_to_logits(ids, cache, read_len=end)` and
@@ -232,47 +232,47 @@ def beam_search(
 
   def body(read_len: int | None, s: BeamState) -> BeamState:
     last = s.alive_seqs[:, :, jnp.maximum(s.step - 1, 0)]
-    ids = jnp.where(s.step == 0, 0, last)  # [B, K]
+    ids = jnp.where(s.step == 0, 0, last)  # [B, M]
     bound = {} if read_len is None else {'read_len': read_len}
-    logits, cache = tokens_to_logits(ids.reshape(-1), s.cache, **bound)  # [B*K, V]
+    logits, cache = tokens_to_logits(ids.reshape(-1), s.cache, **bound)  # [B*M, V]
     vocab_size = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    logp = logp.reshape(batch_size, beam_size, vocab_size)  # [B, K, V]
+    logp = logp.reshape(batch_size, beam_size, vocab_size)  # [B, M, V]
     forced = _forced_eos(s.step, max_lens)
     if forced is not None:
       not_eos = jnp.arange(vocab_size)[None, None, :] != eos_id  # [1, 1, V]
       logp = jnp.where(forced[:, None, None] & not_eos, -jnp.inf, logp)
 
-    # Top 2K extensions of all alive beams.
+    # Top 2M extensions of all alive beams.
     cand = (s.alive_logp[:, :, None] + logp).reshape(batch_size, -1)
-    top_logp, top_idx = jax.lax.top_k(cand, 2 * beam_size)  # [B, 2K]
+    top_logp, top_idx = jax.lax.top_k(cand, 2 * beam_size)  # [B, 2M]
     top_beam, top_tok = top_idx // vocab_size, top_idx % vocab_size
     top_seqs = _gather_beams(s.alive_seqs, top_beam)
-    top_seqs = top_seqs.at[:, :, s.step].set(top_tok)  # --> [B, 2K, T]
-    is_eos = top_tok == eos_id  # [B, 2K]
+    top_seqs = top_seqs.at[:, :, s.step].set(top_tok)  # --> [B, 2M, T]
+    is_eos = top_tok == eos_id  # [B, 2M]
 
-    # The best K non-EOS extensions stay alive; the cache follows them.
+    # The best M non-EOS extensions stay alive; the cache follows them.
     alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_logp),
-                                     beam_size)  # [B, K]
-    alive_seqs = _gather_beams(top_seqs, keep)  # --> [B, K, T]
+                                     beam_size)  # [B, M]
+    alive_seqs = _gather_beams(top_seqs, keep)  # --> [B, M, T]
     if beam_size > 1:  # With one beam the gather is the identity.
-      parent = _gather_beams(top_beam, keep)  # [B, K]
+      parent = _gather_beams(top_beam, keep)  # [B, M]
       rows = jnp.arange(batch_size)[:, None] * beam_size + parent
       cache = reorder(cache, rows.reshape(-1),
                       **({} if read_len is None else {'upto': read_len}))
 
-    # EOS extensions within the top 2K join the finished set, which keeps K.
+    # EOS extensions within the top 2M join the finished set, which keeps M.
     penalty = length_penalty((s.step + 1).astype(jnp.float32), alpha)
-    new_scores = jnp.where(is_eos, top_logp / penalty, -jnp.inf)  # [B, 2K]
+    new_scores = jnp.where(is_eos, top_logp / penalty, -jnp.inf)  # [B, 2M]
     all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
     all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
-    finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [B, K]
-    finished_seqs = _gather_beams(all_seqs, keep)  # --> [B, K, T]
+    finished_scores, keep = jax.lax.top_k(all_scores, beam_size)  # [B, M]
+    finished_seqs = _gather_beams(all_seqs, keep)  # --> [B, M, T]
 
     return BeamState(s.step + 1, alive_seqs, alive_logp, finished_seqs,
                      finished_scores, cache)
 
-  # Only beam 0 is live at first, so the K identical beams don't repeat.
+  # Only beam 0 is live at first, so the M identical beams don't repeat.
   alive_logp = jnp.full((batch_size, beam_size), -jnp.inf, jnp.float32)
   init = BeamState(
       step=jnp.zeros((), jnp.int32),

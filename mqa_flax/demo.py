@@ -2,31 +2,32 @@
 
   python -m mqa_flax.demo [--out=runs/demo] [--variants=mha,mqa]
 
-Trains configs/demo.py for each variant (resuming if its workdir exists),
-scores the test split with greedy and beam-4 search, times greedy decoding
-per output token, prints a side-by-side table and writes the report.
+Run it from the repository root. Trains configs/demo.py (--config_file) for
+each variant (resuming if its workdir exists), scores the test split with
+greedy and beam-4 search, times greedy decoding per output token, prints a
+side-by-side table and writes the report.
 TensorBoard: tensorboard --logdir runs/demo
 """
 
 import os
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
-from configs import demo as demo_config
 from mqa_flax import benchmark
+from mqa_flax import costs
 from mqa_flax import errors
+from mqa_flax import metrics
 from mqa_flax import report
 from mqa_flax import runs
-from mqa_flax import summary
+from mqa_flax import tables
 from mqa_flax import train_lib
-from mqa_flax.config import ModelConfig
-from mqa_flax.metrics import read_jsonl
+from mqa_flax.config import ModelConfig, load_config
 
+_CONFIG_FILE = flags.DEFINE_string('config_file', 'configs/demo.py',
+                                   'Config file whose variants are trained.')
 _OUT = flags.DEFINE_string('out', 'runs/demo', 'Where the runs and the report go.')
-_VARIANTS = flags.DEFINE_list('variants', ['mha', 'mqa'], 'Variants of configs/demo.py.')
+_VARIANTS = flags.DEFINE_list('variants', ['mha', 'mqa'], 'Variants of --config_file.')
 _TINY = flags.DEFINE_bool('tiny', False, 'Reduced mode (tests): tiny models, few steps.')
 _BENCH = flags.DEFINE_list('bench_shape', ['64', '32', '32'],
                            'Timing shape: batch, source length, target length.')
@@ -34,7 +35,7 @@ _BENCH = flags.DEFINE_list('bench_shape', ['64', '32', '32'],
 
 def run_variant(variant: str, out: str, tiny: bool) -> dict:
   """Trains, scores and times one variant; returns its row of the table."""
-  config = demo_config.get_config(variant + (',tiny' if tiny else ''))
+  config = load_config(_CONFIG_FILE.value, variant + (',tiny' if tiny else ''))
   workdir = os.path.join(out, variant)
   os.makedirs(workdir, exist_ok=True)
   train_lib.train_and_evaluate(config, workdir)
@@ -43,13 +44,15 @@ def run_variant(variant: str, out: str, tiny: bool) -> dict:
   beam = runs.score_split(run, 'test', beam_size=4)
   cfg = ModelConfig.from_config(config.model, run.tokenizer.vocab_size)
   batch, src_len, tgt_len = (int(x) for x in _BENCH.value)
+  emit = metrics.jsonl_appender(os.path.join(workdir, 'benchmark.jsonl'),
+                                command=' '.join(sys.argv), git_commit=metrics.git_commit())
   rows = benchmark.run({variant: cfg}, states={variant: run.params}, batch=batch,
                        src_len=src_len, tgt_len=tgt_len, kinds=('greedy',),
-                       cache_modes=('padded',), reps=3)
-  benchmark.write_outputs(rows, workdir, ' '.join(sys.argv))
-  stats = summary.analyze(cfg, 1, src_len, tgt_len)
-  ln_ppl = [r['eval/ln_ppl'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-            if 'eval/ln_ppl' in r]
+                       cache_modes=('padded',), reps=3, emit=emit)
+  report.write_benchmark(rows, workdir)
+  stats = costs.analyze(cfg, 1, src_len, tgt_len)
+  ln_ppl = [r['eval/ln_ppl'] for r in metrics.read_jsonl(
+      os.path.join(workdir, 'metrics.jsonl')) if 'eval/ln_ppl' in r]
   return {'variant': variant, 'K': cfg.num_kv_heads, 'params': stats['params_total'],
           'bleu_greedy': greedy['bleu_13a'], 'bleu_beam4': beam['bleu_13a'],
           'dev_ln_ppl': ln_ppl[-1], 'us_per_token': rows[0]['us_per_token'],
@@ -59,23 +62,19 @@ def run_variant(variant: str, out: str, tiny: bool) -> dict:
 
 def format_rows(rows: list[dict], shape: list[str]) -> str:
   """The side-by-side table printed at the end."""
-  lines = ['| variant | K | params | test BLEU greedy | test BLEU beam-4 | dev ln(PPL) '
-           f'| decoder µs/token (CPU, batch {shape[0]}) | KV cache bytes/sentence |',
-           '|---|---|---|---|---|---|---|---|']
-  for r in rows:
-    lines.append(f"| {r['variant']} | {r['K']} | {r['params'] / 1e6:.2f}M | "
-                 f"{r['bleu_greedy']:.2f} | {r['bleu_beam4']:.2f} | {r['dev_ln_ppl']:.4f} | "
-                 f"{r['us_per_token']:.1f} | {r['kv_bytes']:,} |")
-  return '\n'.join(lines)
+  return tables.md_table(
+      ['variant', 'K', 'params', 'test BLEU greedy', 'test BLEU beam-4', 'dev ln(PPL)',
+       f'decoder µs/token (CPU, batch {shape[0]})', 'KV cache bytes/sentence'],
+      [[r['variant'], r['K'], f"{r['params'] / 1e6:.2f}M", f"{r['bleu_greedy']:.2f}",
+        f"{r['bleu_beam4']:.2f}", f"{r['dev_ln_ppl']:.4f}", f"{r['us_per_token']:.1f}",
+        f"{r['kv_bytes']:,}"] for r in rows]).rstrip()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
+  del argv
   rows = [run_variant(v, _OUT.value, _TINY.value) for v in _VARIANTS.value]
-  report_dir = report.main([os.path.join(_OUT.value, v) for v in _VARIANTS.value] +
-                           ['--out', os.path.join(_OUT.value, 'report')])
+  report_dir = report.write_report([os.path.join(_OUT.value, v) for v in _VARIANTS.value],
+                                   os.path.join(_OUT.value, 'report'))
   print(format_rows(rows, _BENCH.value))
   print(f'\nreport: {report_dir}/report.md   TensorBoard: tensorboard --logdir {_OUT.value}')
 

@@ -61,6 +61,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(f'{one_line(e)} (see --helpshort)')
+  except ModuleNotFoundError as e:  # A config file importing configs.<name>.
+    if e.name != 'configs' or debug():
+      raise
+    fail('the config file imports the configs/ folder, which is not on the import '
+         'path: run the command from the repository root')
   except (AttributeError, KeyError) as e:  # ml_collections: no such config key.
     if debug():
       raise
@@ -96,6 +101,15 @@ def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   return wrapped
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with one-line user errors and documented exit codes."""
-  app.run(guard(main), flags_parser=_parse_flags)
+def run(main: Callable[[list[str]], Any], positional_args: bool = False) -> None:
+  """`absl.app.run(main)` with what every entry point shares: unexpected
+  arguments refused (unless `positional_args`), orbax's logging quietened,
+  one-line user errors and the documented exit codes."""
+
+  def preamble(argv):
+    if len(argv) > 1 and not positional_args:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
+    return main(argv)
+
+  app.run(guard(preamble), flags_parser=_parse_flags)

@@ -15,8 +15,9 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import logging
@@ -125,6 +126,28 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return rows
 
 
+def jsonl_appender(path: str, **fields: Any) -> Callable[[Mapping[str, Any]], None]:
+  """A function appending one row (plus `fields`) to the JSON-lines file
+  `path`, flushed at once, so that a stopped run keeps every finished row."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+
+  def append(row: Mapping[str, Any]) -> None:
+    with open(path, 'a') as f:
+      f.write(json.dumps(dict(row, **fields)) + '\n')
+      f.flush()
+  return append
+
+
+def git_commit() -> str | None:
+  """The commit of this code's checkout, or None outside a git checkout."""
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True,
+                          text=True, check=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip() or None
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def format_duration(seconds: float) -> str:
   """Formats seconds compactly: '3h18m', '4m05s' or '12s'."""
   if not math.isfinite(seconds):
@@ -138,61 +161,45 @@ def format_duration(seconds: float) -> str:
 
 
 class ReportProgress:
-  """Logs `step i/n (p%) | r steps/s | ETA t | extra` via absl.logging.
+  """The train loop's one clock: training time, steps/s and ETA between reports.
 
-  Call it with the current step (every step, or every `log_every` steps). The
-  first call starts the clock. A later call logs when `every_steps` steps or
-  `every_secs` seconds have passed since the last report (every call when both
-  are None); steps/s is measured over that interval. Time spent inside
-  `with progress.paused():` (evaluation, checkpointing) is not counted.
+  `start(step)` starts it; each call `progress(step, extra)` logs
+  `step i/n (p%) | r steps/s | ETA t | extra` via absl.logging and returns
+  the seconds of training since the previous call (or the start). Time spent
+  inside `with progress.paused():` (evaluation, checkpointing) is not
+  training time.
   """
 
-  def __init__(self, num_train_steps: int, every_steps: int | None = None,
-               every_secs: float | None = None):
+  def __init__(self, num_train_steps: int):
     self.num_train_steps = num_train_steps
-    self.every_steps = every_steps
-    self.every_secs = every_secs
-    self._last_step: int | None = None
-    self._last_time = 0.0
+    self._last_step = 0
+    self._last_time = time.monotonic()
     self._paused_secs = 0.0
-    self._rate: float | None = None
 
-  def __call__(self, step: int, extra: str = '') -> bool:
-    """Records `step`, logs the progress line if due, and returns whether it did."""
+  def start(self, step: int) -> None:
+    """Starts the clock at `step`."""
+    self._last_step, self._last_time, self._paused_secs = step, time.monotonic(), 0.0
+
+  def elapsed(self) -> float:
+    """Training seconds since the last report (or the start)."""
+    return max(time.monotonic() - self._last_time - self._paused_secs, 1e-9)
+
+  def __call__(self, step: int, extra: str = '') -> float:
+    """Logs the progress line for `step`; returns the training seconds since the last call."""
     now = time.monotonic()
-    if self._last_step is None:
-      self._last_step, self._last_time, self._paused_secs = step, now, 0.0
-      return False
-    elapsed = now - self._last_time - self._paused_secs
-    due_steps = self.every_steps and step - self._last_step >= self.every_steps
-    due_secs = self.every_secs and elapsed >= self.every_secs
-    if (self.every_steps or self.every_secs) and not (due_steps or due_secs):
-      return False
-    if step <= self._last_step or elapsed <= 0:
-      return False
-    self._rate = (step - self._last_step) / elapsed
-    self._last_step, self._last_time, self._paused_secs = step, now, 0.0
-    logging.info('%s', self.line(step, extra))
-    return True
-
-  def line(self, step: int, extra: str = '') -> str:
-    """Returns the progress line for `step` using the last measured rate."""
+    seconds = self.elapsed()
+    rate = (step - self._last_step) / seconds
     n = self.num_train_steps
     parts = [f'step {step}/{n} ({100 * step / max(n, 1):.1f}%)']
-    if self._rate:
-      parts += [f'{self._rate:.2f} steps/s',
-                f'ETA {format_duration(max(n - step, 0) / self._rate)}']
-    if extra:
-      parts.append(extra)
-    return ' | '.join(parts)
-
-  def steps_per_sec(self) -> float | None:
-    """Returns steps/s over the last reported interval (None before any report)."""
-    return self._rate
+    if rate > 0:
+      parts += [f'{rate:.2f} steps/s', f'ETA {format_duration(max(n - step, 0) / rate)}']
+    logging.info('%s', ' | '.join(parts + ([extra] if extra else [])))
+    self._last_step, self._last_time, self._paused_secs = step, now, 0.0
+    return seconds
 
   @contextlib.contextmanager
   def paused(self) -> Iterator[None]:
-    """Excludes the time spent in the `with` block from the steps/s measurement."""
+    """Excludes the time spent in the `with` block from training time."""
     start = time.monotonic()
     try:
       yield

@@ -55,18 +55,19 @@ def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
   return table
 
 
-def attention_mask(q_seg: jax.Array, k_seg: jax.Array, causal: bool = False,
+def attention_mask(q_seg_BT: jax.Array, k_seg_BS: jax.Array, causal: bool = False,
                    window: int = 0) -> jax.Array:
   """[B, T, S] mask: same non-padding segment, optionally causal and local."""
-  mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  mask_BTS = ((q_seg_BT[:, :, None] == k_seg_BS[:, None, :])
+              & (k_seg_BS[:, None, :] != 0))
   if causal:
-    t = jnp.arange(q_seg.shape[1])[:, None]
-    s = jnp.arange(k_seg.shape[1])[None, :]
-    keep = s <= t
+    t = jnp.arange(q_seg_BT.shape[1])[:, None]
+    s = jnp.arange(k_seg_BS.shape[1])[None, :]
+    keep_TS = s <= t
     if window:
-      keep &= t - s < window
-    mask &= keep[None]
-  return mask
+      keep_TS &= t - s < window
+    mask_BTS &= keep_TS[None]
+  return mask_BTS
 
 
 def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
@@ -90,10 +91,11 @@ class FeedForward(nnx.Module):
   def __call__(self, x_BTD: jax.Array, rngs: nnx.Rngs | None,
                rate: float) -> jax.Array:
     dt = self.dtype
-    h = jnp.einsum('BTD,DF->BTF', x_BTD.astype(dt), self.wi[...].astype(dt))
-    h = _dropout(jax.nn.relu(h + self.bi[...].astype(dt)[None, None]), rate, rngs)
-    y = jnp.einsum('BTF,FD->BTD', h, self.wo[...].astype(dt))
-    return y + self.bo[...].astype(dt)[None, None]
+    h_BTF = jnp.einsum('BTD,DF->BTF', x_BTD.astype(dt), self.wi[...].astype(dt))
+    h_BTF = _dropout(jax.nn.relu(h_BTF + self.bi[...].astype(dt)[None, None]),
+                     rate, rngs)
+    y_BTD = jnp.einsum('BTF,FD->BTD', h_BTF, self.wo[...].astype(dt))
+    return y_BTD + self.bo[...].astype(dt)[None, None]
 
 
 class EncoderLayer(nnx.Module):
@@ -108,11 +110,12 @@ class EncoderLayer(nnx.Module):
     self.ln2 = nnx.LayerNorm(d, rngs=rngs)
     self.ffn = FeedForward(d, cfg.d_ff, dt, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array,
+  def __call__(self, x_BSD: jax.Array, mask_BSS: jax.Array,
                rngs: nnx.Rngs | None) -> jax.Array:
-    h = self.ln1(x)
-    x = x + _dropout(self.attn(h, h, mask), self.rate, rngs)
-    return x + _dropout(self.ffn(self.ln2(x), rngs, self.rate), self.rate, rngs)
+    h_BSD = self.ln1(x_BSD)
+    x_BSD = x_BSD + _dropout(self.attn(h_BSD, h_BSD, mask_BSS), self.rate, rngs)
+    return x_BSD + _dropout(self.ffn(self.ln2(x_BSD), rngs, self.rate), self.rate,
+                            rngs)
 
 
 class DecoderLayer(nnx.Module):
@@ -129,28 +132,36 @@ class DecoderLayer(nnx.Module):
     self.ln3 = nnx.LayerNorm(d, rngs=rngs)
     self.ffn = FeedForward(d, cfg.d_ff, dt, rngs=rngs)
 
-  def __call__(self, x: jax.Array, enc: jax.Array, self_mask: jax.Array,
-               cross_mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-    h = self.ln1(x)
-    x = x + _dropout(self.self_attn(h, h, self_mask), self.rate, rngs)
-    x = x + _dropout(self.cross_attn(self.ln2(x), enc, cross_mask), self.rate,
-                     rngs)
-    return x + _dropout(self.ffn(self.ln3(x), rngs, self.rate), self.rate, rngs)
+  def __call__(self, x_BTD: jax.Array, encoded_BSD: jax.Array,
+               self_mask_BTT: jax.Array, cross_mask_BTS: jax.Array,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    h_BTD = self.ln1(x_BTD)
+    x_BTD = x_BTD + _dropout(self.self_attn(h_BTD, h_BTD, self_mask_BTT),
+                             self.rate, rngs)
+    x_BTD = x_BTD + _dropout(
+        self.cross_attn(self.ln2(x_BTD), encoded_BSD, cross_mask_BTS), self.rate,
+        rngs)
+    return x_BTD + _dropout(self.ffn(self.ln3(x_BTD), rngs, self.rate), self.rate,
+                            rngs)
 
   def step(self, x_B1D: jax.Array, cache: Cache, index: jax.Array,
-           self_mask: jax.Array, cross_mask: jax.Array, read_len: int | None,
-           impl: str, layout: str) -> tuple[jax.Array, Cache]:
+           self_mask_B1L: jax.Array, cross_mask_B1S: jax.Array,
+           read_len: int | None, impl: str, layout: str) -> tuple[jax.Array, Cache]:
     """One incremental position: writes its K/V into the cache, then attends.
 
     The cache is written in place and read as it is; only a static
     `read_len` < L slices it (the growing cache), and the full cache is read
     with no slice at all.
     """
-    h = self.ln1(x_B1D)
-    k, v = self.self_attn.project_kv(h)  # [B, 1, K, H]
+    h_B1D = self.ln1(x_B1D)
+    k, v = self.self_attn.project_kv(h_B1D)  # [B, 1, K, H]
     if layout == 'BKLH':  # -> [B*K, 1, H], the cache's rows.
       k, v = _to_rows(k), _to_rows(v)
     length = cache['k'].shape[1]  # Axis 1 is L in both layouts.
+    # A local window's cache is a ring buffer of L = W slots: position i goes
+    # to slot i % W, overwriting position i - W, which the window no longer
+    # sees. Attention does not depend on the order of its keys, so the slots
+    # need no reordering (see decode_step for the mask).
     slot = index % length
     ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, slot, axis=1)
     cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, slot, axis=1)
@@ -159,11 +170,13 @@ class DecoderLayer(nnx.Module):
       rk = jax.lax.slice_in_dim(ck, 0, read_len, axis=1)
       rv = jax.lax.slice_in_dim(cv, 0, read_len, axis=1)
     kv_layout = _KV_LAYOUT[layout]
-    x = x_B1D + self.self_attn.attend(h, rk, rv, self_mask, impl, kv_layout)
-    x = x + self.cross_attn.attend(self.ln2(x), cache['cross_k'],
-                                   cache['cross_v'], cross_mask, impl, kv_layout)
-    x = x + self.ffn(self.ln3(x), None, 0.0)
-    return x, dict(cache, k=ck, v=cv)
+    x_B1D = x_B1D + self.self_attn.attend(h_B1D, rk, rv, self_mask_B1L, impl,
+                                          kv_layout)
+    x_B1D = x_B1D + self.cross_attn.attend(
+        self.ln2(x_B1D), cache['cross_k'], cache['cross_v'], cross_mask_B1S, impl,
+        kv_layout)
+    x_B1D = x_B1D + self.ffn(self.ln3(x_B1D), None, 0.0)
+    return x_B1D, dict(cache, k=ck, v=cv)
 
 
 class Transformer(nnx.Module):
@@ -183,17 +196,17 @@ class Transformer(nnx.Module):
         [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_decoder_layers)])
     self.decoder_ln = nnx.LayerNorm(d, rngs=rngs)
 
-  def _embed(self, ids: jax.Array, positions: jax.Array,
+  def _embed(self, ids_BT: jax.Array, positions_BT: jax.Array,
              side: str) -> jax.Array:
-    """Token embedding * sqrt(D) plus position embedding, float32."""
+    """Token embedding * sqrt(D) plus position embedding, float32 [B, T, D]."""
     cfg = self.cfg
-    x = self.embed[...][ids] * math.sqrt(cfg.d_model)
-    positions = jnp.minimum(positions, cfg.max_len - 1)
+    x_BTD = self.embed[...][ids_BT] * math.sqrt(cfg.d_model)
+    positions_BT = jnp.minimum(positions_BT, cfg.max_len - 1)
     if cfg.pos_embedding == 'learned':
       table = (self.src_pos if side == 'src' else self.tgt_pos)[...]
     else:
       table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
-    return x + table[positions]
+    return x_BTD + table[positions_BT]
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """Output logits from the tied embedding, float32 [B, T, V]."""
@@ -205,38 +218,40 @@ class Transformer(nnx.Module):
   def encode(self, inputs: jax.Array, inputs_segmentation: jax.Array | None = None,
              inputs_position: jax.Array | None = None,
              rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Encoder output [B, S, D]; token 0 is padding unless segments are given."""
-    seg = _segments(inputs, inputs_segmentation)
-    pos = _positions(inputs, inputs_position)
-    x = _dropout(self._embed(inputs, pos, 'src'), self.cfg.dropout_rate, rngs)
-    mask = attention_mask(seg, seg)
+    """Encoder output [B, S, D] of `inputs` [B, S]; token 0 is padding unless
+    segments are given."""
+    seg_BS = _segments(inputs, inputs_segmentation)
+    pos_BS = _positions(inputs, inputs_position)
+    x_BSD = _dropout(self._embed(inputs, pos_BS, 'src'), self.cfg.dropout_rate,
+                     rngs)
+    mask_BSS = attention_mask(seg_BS, seg_BS)
     for layer in self.encoder:
-      x = layer(x, mask, rngs)
-    return self.encoder_ln(x)
+      x_BSD = layer(x_BSD, mask_BSS, rngs)
+    return self.encoder_ln(x_BSD)
 
   def decode(self, targets: jax.Array, encoded: jax.Array,
              inputs_segmentation: jax.Array,
              targets_segmentation: jax.Array | None = None,
              targets_position: jax.Array | None = None,
              rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Teacher-forced logits [B, T, V] for predicting `targets`."""
-    seg = _segments(targets, targets_segmentation)
-    x = self._embed(shift_right(targets, seg),
-                    _positions(targets, targets_position), 'tgt')
-    return self.decode_embedded(x, encoded, inputs_segmentation, seg, rngs)
+    """Teacher-forced logits [B, T, V] for predicting `targets` [B, T]."""
+    seg_BT = _segments(targets, targets_segmentation)
+    x_BTD = self._embed(shift_right(targets, seg_BT),
+                        _positions(targets, targets_position), 'tgt')
+    return self.decode_embedded(x_BTD, encoded, inputs_segmentation, seg_BT, rngs)
 
   def decode_embedded(self, x_BTD: jax.Array, encoded: jax.Array,
                       inputs_segmentation: jax.Array,
                       targets_segmentation: jax.Array,
                       rngs: nnx.Rngs | None = None) -> jax.Array:
     """The decoder stack from embedded (shifted) target inputs to logits."""
-    x = _dropout(x_BTD, self.cfg.dropout_rate, rngs)
-    self_mask = attention_mask(targets_segmentation, targets_segmentation,
-                               causal=True, window=self.cfg.local_window)
-    cross_mask = attention_mask(targets_segmentation, inputs_segmentation)
+    x_BTD = _dropout(x_BTD, self.cfg.dropout_rate, rngs)
+    self_mask_BTT = attention_mask(targets_segmentation, targets_segmentation,
+                                   causal=True, window=self.cfg.local_window)
+    cross_mask_BTS = attention_mask(targets_segmentation, inputs_segmentation)
     for layer in self.decoder:
-      x = layer(x, encoded, self_mask, cross_mask, rngs)
-    return self.logits(self.decoder_ln(x))
+      x_BTD = layer(x_BTD, encoded, self_mask_BTT, cross_mask_BTS, rngs)
+    return self.logits(self.decoder_ln(x_BTD))
 
   def __call__(self, inputs: jax.Array, targets: jax.Array, *,
                inputs_segmentation: jax.Array | None = None,
@@ -245,9 +260,9 @@ class Transformer(nnx.Module):
                targets_position: jax.Array | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, T, V]; dropout is on when `rngs` (with a 'dropout' stream) is given."""
-    in_seg = _segments(inputs, inputs_segmentation)
-    encoded = self.encode(inputs, in_seg, inputs_position, rngs)
-    return self.decode(targets, encoded, in_seg, targets_segmentation,
+    in_seg_BS = _segments(inputs, inputs_segmentation)
+    encoded_BSD = self.encode(inputs, in_seg_BS, inputs_position, rngs)
+    return self.decode(targets, encoded_BSD, in_seg_BS, targets_segmentation,
                        targets_position, rngs)
 
   def init_cache(self, encoded: jax.Array, inputs: jax.Array, max_len: int,
@@ -305,21 +320,26 @@ class Transformer(nnx.Module):
     """
     index = cache['index']
     rows = ids_B.shape[0]
-    x = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
+    x_B1D = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
     cfg = self.cfg
     length = cache['layers'][0]['k'].shape[1]
     n = length if read_len is None else min(read_len, length)
-    self_mask = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
-    src_mask = cache['src_mask']
-    repeats = rows // src_mask.shape[0]
-    cross_mask = jnp.repeat(src_mask, repeats, axis=0)[:, None, :]
+    # Slot j holds a position <= index once j <= index. Before a ring buffer
+    # wraps (index < L) those are exactly the positions written so far;
+    # after it (index >= L) every slot is <= index and holds one of the last
+    # L positions, which is the window: the same mask stays right.
+    self_mask_B1L = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
+    src_mask_BS = cache['src_mask']
+    repeats = rows // src_mask_BS.shape[0]  # Beams per sentence.
+    cross_mask_B1S = jnp.repeat(src_mask_BS, repeats, axis=0)[:, None, :]
     layers = []
     for layer, layer_cache in zip(self.decoder, cache['layers']):
-      x, layer_cache = layer.step(x, layer_cache, index, self_mask, cross_mask,
-                                  read_len, cfg.attention_impl, cfg.cache_layout)
+      x_B1D, layer_cache = layer.step(x_B1D, layer_cache, index, self_mask_B1L,
+                                      cross_mask_B1S, read_len, cfg.attention_impl,
+                                      cfg.cache_layout)
       layers.append(layer_cache)
-    logits = self.logits(self.decoder_ln(x))[:, 0]
-    return logits, dict(cache, index=index + 1, layers=layers)
+    logits_BV = self.logits(self.decoder_ln(x_B1D))[:, 0]
+    return logits_BV, dict(cache, index=index + 1, layers=layers)
 
 
 def _segments(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:
@@ -330,6 +350,12 @@ def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
   if positions is None:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   return positions
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph and the shapes of its parameters, without allocating."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))),
+                   nnx.Param)
 
 
 def cache_bytes(cache: Cache) -> int:

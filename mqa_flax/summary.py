@@ -3,107 +3,26 @@
   python -m mqa_flax.summary --config=configs/paper.py:mqa \
       [--batch=1024 --src_len=128 --tgt_len=128 --beam_size=1] [--json]
 
-Shapes come from `jax.eval_shape`, so even the 211M model costs no memory.
-The memory traffic of one incremental decode step (decoder weights + tied
-output embedding + cross-attention K/V + self-attention K/V) is the floor
-that `decode.py --mode=benchmark` compares its timings with.
+The numbers come from `mqa_flax.costs.analyze`.
 """
 
 import json
-import math
-import sys
 
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
 
+from mqa_flax import costs
 from mqa_flax import errors
 from mqa_flax.config import ModelConfig
-from mqa_flax.model import Transformer
 
-def param_groups(cfg: ModelConfig) -> dict[str, int]:
-  """Parameter counts by part: embeddings, encoder, decoder sub-layers."""
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  groups: dict[str, int] = {}
-  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    keys = [str(p) for p in path]
-    if keys[0] in ('encoder', 'decoder'):
-      part = keys[2] if keys[2] in ('attn', 'self_attn', 'cross_attn', 'ffn') else 'ln'
-      name = f'{keys[0]}.{part}'
-    else:
-      name = keys[0]
-    groups[name] = groups.get(name, 0) + math.prod(leaf.get_value().shape)
-  return groups
-
-
-def param_groups_total(cfg: ModelConfig) -> int:
-  """Total parameter count of a model config."""
-  return sum(param_groups(cfg).values())
-
-
-def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
-            beam_size: int = 1) -> dict[str, float]:
-  """Sizes and per-token costs of training and incremental decoding.
-
-  Traffic counts what one decode step must read at least: each weight used
-  per step once, the cross K/V of every sentence, and the self K/V of every
-  row up to its position (`growing`, averaged over the target length) or the
-  whole cache (`padded`, the paper's fixed-size memory; the window when
-  local). With beams, `decode_reorder_bytes_per_step_<mode>` adds what beam
-  search's reorder moves: it reads and writes every row's self K/V cache,
-  whole or up to the positions written.
-  """
-  groups = param_groups(cfg)
-  item = cfg.compute_dtype.itemsize
-  d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
-  k = cfg.num_kv_heads
-  layers = cfg.num_decoder_layers
-  rows = batch * beam_size
-  kv_width = 2 * k * h  # keys + values per position per layer
-
-  cross_kv_proj = layers * d * kv_width  # Done once per sentence.
-  step_weights = (sum(v for g, v in groups.items() if g.startswith('decoder'))
-                  - cross_kv_proj + cfg.vocab_size * d)
-  window = cfg.local_window or tgt_len
-  # Positions attended at step t (0-based) is min(t + 1, window).
-  mean_seen = sum(min(t + 1, window) for t in range(tgt_len)) / tgt_len
-  padded_seen = min(window, tgt_len)
-
-  self_bytes_per_pos = layers * kv_width * item
-  cross_bytes_per_sentence = layers * src_len * kv_width * item
-  weight_bytes = step_weights * item
-  traffic = {}
-  for mode, seen in (('growing', mean_seen), ('padded', padded_seen)):
-    traffic[mode] = (weight_bytes + batch * cross_bytes_per_sentence +
-                     rows * seen * self_bytes_per_pos)
-
-  dec_flops = 2 * step_weights + layers * 4 * n * h * (mean_seen + src_len)
-  enc_weights = sum(v for g, v in groups.items() if g.startswith('encoder'))
-  enc_flops = (2 * (enc_weights + cross_kv_proj) +
-               cfg.num_encoder_layers * 4 * n * h * src_len)
-  train_flops_per_token = 3 * (enc_flops + dec_flops)  # fwd + 2x bwd.
-  return {
-      'params_total': sum(groups.values()),
-      **{f'params.{g}': v for g, v in sorted(groups.items())},
-      'kv_cache_bytes_self_per_sequence': self_bytes_per_pos * padded_seen,
-      'kv_cache_bytes_cross_per_sequence': cross_bytes_per_sentence,
-      'kv_cache_bytes_per_token': self_bytes_per_pos,
-      'decode_flops_per_token': dec_flops,
-      'encoder_flops_per_token': enc_flops,
-      'train_flops_per_token': train_flops_per_token,
-      'decode_weight_bytes_per_step': weight_bytes,
-      'decode_bytes_per_step_growing': traffic['growing'],
-      'decode_bytes_per_step_padded': traffic['padded'],
-      'decode_bytes_per_token_growing': traffic['growing'] / rows,
-      'decode_bytes_per_token_padded': traffic['padded'] / rows,
-      # Beam search's reorder reads and writes each row's self K/V: all of
-      # it (padded) or, at the least, the positions written so far (growing).
-      **{f'decode_reorder_bytes_per_step_{mode}': (
-          2 * rows * seen * self_bytes_per_pos if beam_size > 1 else 0)
-         for mode, seen in (('growing', mean_seen), ('padded', padded_seen))},
-      'batch': batch, 'beam_size': beam_size, 'src_len': src_len,
-      'tgt_len': tgt_len, 'dtype': cfg.dtype,
-  }
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                          lock_config=True)
+_BATCH = flags.DEFINE_integer('batch', 1024, 'Sentences decoded at once.')
+_SRC_LEN = flags.DEFINE_integer('src_len', 128, 'Source length (tokens).')
+_TGT_LEN = flags.DEFINE_integer('tgt_len', 128, 'Target length (tokens).')
+_BEAM = flags.DEFINE_integer('beam_size', 1, 'Beams per sentence.')
+_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+flags.mark_flags_as_required(['config'])
 
 
 def format_table(stats: dict[str, float]) -> str:
@@ -124,24 +43,13 @@ def format_table(stats: dict[str, float]) -> str:
 
 def main(argv):
   del argv
-  f = flags.FLAGS
-  if f.config is None:
-    sys.exit('error: --config is required, e.g. --config=configs/paper.py:mqa')
-  try:
-    cfg = ModelConfig.from_config(f.config.model, f.config.data.vocab_size)
-  except ValueError as e:
-    raise errors.UserError(f'{e} (fix the --config.model values)') from e
-  stats = analyze(cfg, f.batch, f.src_len, f.tgt_len, f.beam_size)
-  stats = {'variant': f.config.variant, **stats}
-  print(json.dumps(stats, indent=1) if f.json else format_table(stats))
+  config = _CONFIG.value
+  cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
+  stats = costs.analyze(cfg, _BATCH.value, _SRC_LEN.value, _TGT_LEN.value,
+                        _BEAM.value)
+  stats = {'variant': config.variant, **stats}
+  print(json.dumps(stats, indent=1) if _JSON.value else format_table(stats))
 
 
 if __name__ == '__main__':
-  # Flags are defined here so that importing this module defines none.
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_integer('batch', 1024, 'Sentences decoded at once.')
-  flags.DEFINE_integer('src_len', 128, 'Source length (tokens).')
-  flags.DEFINE_integer('tgt_len', 128, 'Target length (tokens).')
-  flags.DEFINE_integer('beam_size', 1, 'Beams per sentence.')
-  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   errors.run(main)

@@ -34,11 +34,6 @@ class Tokenizer:
     return self._sp.get_piece_size()
 
   @property
-  def pad_id(self) -> int:
-    """The padding id, 0."""
-    return PAD_ID
-
-  @property
   def eos_id(self) -> int:
     """The end-of-sentence id, 1."""
     return EOS_ID

@@ -1,13 +1,33 @@
-"""Test setup: 8 fake CPU devices (for the mesh tests) and strict rank promotion."""
+"""Test setup: 8 fake CPU devices (for the mesh tests), strict rank promotion,
+and a compilation cache that the tests (and their subprocesses) share."""
 
 import os
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests train and decode the same tiny models, in and out of process.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'mqa_flax_tests_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+
+def make_examples(src: list[list[int]], tgt: list[list[int]]):
+  """`data.Examples` from ragged lists of ids (EOS already included)."""
+  from mqa_flax import data  # pylint: disable=g-import-not-at-top
+
+  def flat(seqs):
+    offsets = np.zeros(len(seqs) + 1, np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    return np.fromiter((t for s in seqs for t in s), np.int32, count=int(offsets[-1])), offsets
+
+  assert len(src) == len(tgt)
+  return data.Examples(*flat(src), *flat(tgt))

@@ -11,8 +11,11 @@ from flax import nnx
 
 from mqa_flax import benchmark
 from mqa_flax import decoding
+from mqa_flax import hlo
 from mqa_flax import metrics
+from mqa_flax import report
 from mqa_flax.config import ModelConfig
+from mqa_flax.model import Transformer
 
 B, S, T = 4, 6, 8  # S != T keeps cross and self K/V shapes apart.
 TRAIN_B, TRAIN_LEN = 4, 8
@@ -36,10 +39,13 @@ def tiny(num_kv_heads: int) -> ModelConfig:
 @pytest.fixture(scope='module')
 def bench(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('bench'))
+  emit = metrics.jsonl_appender(os.path.join(out, 'benchmark.jsonl'),
+                                command='pytest tests/test_benchmark.py',
+                                git_commit=metrics.git_commit())
   rows = benchmark.run({'mha': tiny(4), 'mqa': tiny(1)}, batch=B, src_len=S,
                        tgt_len=T, beam_batch=B, train_batch=TRAIN_B,
-                       train_len=TRAIN_LEN, reps=2, chunk=4)
-  markdown = benchmark.write_outputs(rows, out, 'pytest tests/test_benchmark.py')
+                       train_len=TRAIN_LEN, reps=2, chunk=4, emit=emit)
+  markdown = report.write_benchmark(rows, out)
   print(markdown)
   return out, metrics.read_jsonl(os.path.join(out, 'benchmark.jsonl')), markdown
 
@@ -108,54 +114,6 @@ def test_outputs(bench):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
 
 
-def _toy_loop(keep_old: bool) -> str:
-  """Compiled HLO of a cache-update loop; keeping the old cache needs a copy."""
-  def f(cache):
-    def body(i, carry):
-      cur, old = carry
-      new = jax.lax.dynamic_update_slice_in_dim(
-          cur, jnp.full((B, 1, 8), i, cur.dtype), i, axis=1)
-      return new, cur if keep_old else old
-    return jax.lax.fori_loop(0, T, body, (cache, jnp.zeros_like(cache)))
-  cache = jnp.zeros((B, T, 8))
-  return jax.jit(f, donate_argnums=0).lower(cache).compile().as_text()
-
-
-def test_loop_traffic_sees_a_copy_per_step():
-  leaf = B * T * 8 * 4
-  copied = benchmark.loop_traffic(_toy_loop(keep_old=True), leaf)
-  assert benchmark.cache_copy_bytes(copied) >= leaf, copied
-  in_place = benchmark.loop_traffic(_toy_loop(keep_old=False), leaf)
-  assert benchmark.cache_copy_bytes(in_place) == 0, in_place
-  assert in_place.get('dynamic-update-slice', 0) >= leaf, in_place
-
-
-def test_loop_traffic_classifies_fusions_by_their_root():
-  hlo = """HloModule m
-%fused_computation (p: f32[4,8]) -> f32[8,4] {
-  %p = f32[4,8]{1,0} parameter(0)
-  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}
-}
-%fused_dus (p: f32[4,8], u: f32[4,1], i: s32[]) -> f32[4,8] {
-  %p = f32[4,8]{1,0} parameter(0)
-  ROOT %d = f32[4,8]{1,0} dynamic-update-slice(%p, %u, %z, %i)
-}
-%body (s: (f32[4,8])) -> (f32[4,8]) {
-  %s = (f32[4,8]{1,0}) parameter(0)
-  %g = f32[4,8]{1,0} get-tuple-element(%s), index=0
-  %copy_dynamic-update-slice_fusion = f32[4,8]{1,0} fusion(%g), kind=kLoop, calls=%fused_dus
-  %copy_fusion = f32[8,4]{1,0} fusion(%g), kind=kLoop, calls=%fused_computation
-  %small = f32[4]{0} copy(%x)
-  ROOT %r = (f32[4,8]{1,0}) tuple(%copy_dynamic-update-slice_fusion)
-}
-ENTRY %main (a: f32[4,8]) -> f32[4,8] {
-  %w = (f32[4,8]{1,0}) while(%a), condition=%cond, body=%body
-}
-"""
-  assert benchmark.loop_traffic(hlo, 128) == {'dynamic-update-slice': 128,
-                                                'transpose': 128}
-
-
 def greedy_decoder_traffic(k: int, layout: str, beams: int = 1) -> dict:
   """loop_traffic of the compiled benchmark decoder, N = 8, cache > weights."""
   b, s, t = 64, 12, 16  # A K=1 cache leaf outweighs activations and weights.
@@ -163,16 +121,16 @@ def greedy_decoder_traffic(k: int, layout: str, beams: int = 1) -> dict:
                     d_model=32, d_ff=64, num_heads=8, num_kv_heads=k,
                     head_dim=16, max_len=32, dropout_rate=0.0,
                     cache_layout=layout)
-  graphdef, params = nnx.split(benchmark.Transformer(cfg, rngs=nnx.Rngs(0)),
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)),
                                nnx.Param)
   inputs = jnp.ones((b, s), jnp.int32)
   cache = jax.eval_shape(lambda p: benchmark._encode(graphdef, p, inputs, t,
                                                       beams), params)
   leaf = min(x.size * x.dtype.itemsize for layer in cache['layers']
              for x in layer.values())
-  hlo = jax.jit(benchmark.decode_fn(graphdef, b, beams, t, None)).lower(
+  text = jax.jit(benchmark.decode_fn(graphdef, b, beams, t, None)).lower(
       params, cache).compile().as_text()
-  return benchmark.loop_traffic(hlo, leaf)
+  return hlo.loop_traffic(text, leaf)
 
 
 @pytest.mark.parametrize('k', [1, 2, 8])
@@ -183,7 +141,7 @@ def test_greedy_decode_loop_updates_cache_in_place_and_copies_nothing(k):
 
 def test_growing_decode_gives_the_same_tokens_as_padded():
   cfg = tiny(1)  # The read_len path is the same for every K.
-  graphdef, params = nnx.split(benchmark.Transformer(cfg, rngs=nnx.Rngs(1)))
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(1)))
   inputs = jax.random.randint(jax.random.key(2), (B, S), 1, cfg.vocab_size)
 
   @jax.jit
@@ -210,13 +168,13 @@ def test_failing_impl_gives_an_error_row_and_the_others_run(tmp_path):
   assert emitted == rows and len(rows) == 2
   assert rows[0]['us_per_token'] is None and 'nope' in rows[0]['error']
   assert rows[1]['us_per_token'] > 0 and rows[1]['cache_layout'] == 'BKLH'
-  text = benchmark.write_outputs(rows, str(tmp_path), 'pytest')
+  text = report.write_benchmark(rows, str(tmp_path))
   assert '### Errors' in text and 'nope/BLKH' in text
 
 
 def test_trained_state_is_not_donated_and_bad_kinds_raise():
   cfg = tiny(1)
-  params = nnx.state(benchmark.Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)
   rows = benchmark.run({'mqa': cfg}, states={'mqa': params}, batch=2,
                        src_len=S, tgt_len=T, kinds=('encoder',), reps=1)
   assert [r['kind'] for r in rows] == ['encoder']

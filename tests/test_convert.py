@@ -16,6 +16,7 @@ from configs import demo
 from mqa_flax import convert
 from mqa_flax import data
 from mqa_flax import runs
+from mqa_flax import state as state_lib
 from mqa_flax import train_lib
 from mqa_flax.checkpoint import Checkpointer
 from mqa_flax.config import ModelConfig
@@ -33,9 +34,9 @@ def source(tmp_path_factory) -> tuple[str, ModelConfig, nnx.State]:
     json.dump(config.to_dict(), f)
   cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
   params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=1)), nnx.Param)
-  tx = train_lib.make_optimizer(config.opt, config.num_train_steps)
+  tx = state_lib.make_optimizer(config.opt, config.num_train_steps)
   ckpt = Checkpointer(workdir, 3)
-  ckpt.save(7, train_lib.TrainState(jnp.array(7, jnp.int32), params, tx.init(params)),
+  ckpt.save(7, state_lib.TrainState(jnp.array(7, jnp.int32), params, tx.init(params)),
             [{'epoch': 1, 'cursor': 5}])
   ckpt.close()
   return workdir, cfg, params

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base as base_config
+from conftest import make_examples
 from mqa_flax import data
 from mqa_flax import tokenizer as tokenizer_lib
 from mqa_flax.errors import UserError
@@ -33,7 +34,7 @@ def _examples(n: int, max_len: int, seed: int = 0) -> data.Examples:
   lengths = rng.integers(0, max_len - 1, (n, 2))
   src = [[1000 + i, *rng.integers(3, 50, k), 1] for i, k in enumerate(lengths[:, 0])]
   tgt = [[*rng.integers(3, 50, k), 1] for k in lengths[:, 1]]
-  return data.Examples.from_lists(src, tgt)
+  return make_examples(src, tgt)
 
 
 def _pairs(batch: dict[str, np.ndarray]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -89,8 +90,7 @@ def test_packing_places_every_pair_once_in_order():
 
 
 def test_packing_is_greedy():
-  examples = data.Examples.from_lists([[5, 1], [6, 6, 1], [7, 1]],
-                                      [[8, 1], [9, 1], [9, 9, 9, 1]])
+  examples = make_examples([[5, 1], [6, 6, 1], [7, 1]], [[8, 1], [9, 1], [9, 9, 9, 1]])
   its = (data.PackedBatches(examples, batch_size=2, max_len=5, seed=s) for s in range(99))
   batch = next(next(it for it in its if list(it.epoch_order(0)) == [0, 1, 2]))
   np.testing.assert_array_equal(batch['inputs'], [[5, 1, 6, 6, 1], [7, 1, 0, 0, 0]])

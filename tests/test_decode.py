@@ -54,9 +54,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_bad_input_has_defined_behaviour(trained):
   run = runs.restore(trained)
   weird = ['', 'The number is seven.', '漢字 ☃ ∮', '   ', 'seven ' * 40]
-  out = runs.translate_run(run, weird, beam_size=1, batch_size=2)
+  out = run.translate(weird, beam_size=1, batch_size=2)
   assert len(out) == len(weird) and out[0] == '' and out[3] == ''
-  assert runs.translate_run(run, ['We need two books.'], beam_size=3, batch_size=1)[0]
+  assert run.translate(['We need two books.'], beam_size=3, batch_size=1)[0]
   with pytest.raises(ValueError, match='input line 5 has .* tokens, more than'):
     inference.translate(run.graphdef, run.params, run.tokenizer, weird, batch_size=2,
                         beam_size=1, alpha=0.6, max_len_a=1.0, max_len_b=2,

@@ -57,7 +57,7 @@ def init_cache(ctx: jax.Array, rows_per_sentence: int, max_len: int):
   batch = ctx.shape[0]
   rows = batch * rows_per_sentence
   return dict(
-      h=decoding.expand_to_beams(jnp.zeros((batch, D)), rows_per_sentence),
+      h=jnp.zeros((rows, D)),
       hist=jnp.zeros((rows, max_len), jnp.int32),
       ctx=ctx,
       step=jnp.zeros((), jnp.int32),
@@ -152,12 +152,6 @@ def brute_force(params, ctx, max_len, alpha, max_lens):
         found[tuple(seq[:n])] = penalised(lp, n, alpha)
     results.append(sorted(found.items(), key=lambda kv: -kv[1]))
   return results
-
-
-def test_expand_to_beams():
-  x = jnp.arange(6).reshape(3, 2)
-  expected = [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5]]
-  np.testing.assert_array_equal(decoding.expand_to_beams(x, 2), expected)
 
 
 def test_greedy_matches_stepwise_argmax():

@@ -96,17 +96,16 @@ def test_report_progress(monkeypatch):
   monkeypatch.setattr(metrics.time, 'monotonic', lambda: clock[0])
   logged = []
   monkeypatch.setattr(metrics.logging, 'info', lambda fmt, *a: logged.append(fmt % a))
-  progress = metrics.ReportProgress(num_train_steps=100_000, every_steps=100)
-
-  assert not progress(1000)  # Starts the clock.
-  assert progress.steps_per_sec() is None
+  progress = metrics.ReportProgress(num_train_steps=100_000)
+  progress.start(1000)
   clock[0] += 10.0
-  assert not progress(1050)  # Not due yet.
   with progress.paused():
-    clock[0] += 50.0  # Evaluation: not counted.
+    clock[0] += 50.0  # Evaluation: not training time.
   clock[0] += 10.0
-  assert progress(1200, extra='loss 2.31')
-  assert progress.steps_per_sec() == pytest.approx(10.0)
-  # 98800 steps left at 10 steps/s = 9880 s.
+  assert progress.elapsed() == pytest.approx(20.0)
+  assert progress(1200, extra='loss 2.31') == pytest.approx(20.0)
+  # 200 steps in 20 s of training; 98800 steps left at 10 steps/s = 9880 s.
   assert logged == [
       'step 1200/100000 (1.2%) | 10.00 steps/s | ETA 2h44m | loss 2.31']
+  clock[0] += 5.0  # The clock restarts at each report.
+  assert progress(1250) == pytest.approx(5.0)

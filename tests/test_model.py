@@ -1,6 +1,5 @@
 """Model tests: cache = forward, GQA = copied MHA, causality, masks, sharding."""
 
-import dataclasses
 import functools
 import importlib.util
 
@@ -11,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mqa_flax import hlo
 from mqa_flax.config import ModelConfig
 from mqa_flax.model import Transformer, attention_mask, shift_right
 
@@ -237,7 +237,7 @@ def test_beam_search_is_the_same_in_both_cache_layouts(k):
 @pytest.mark.parametrize('variant,layout', [('mqa', 'BLKH'), ('gqa', 'BKLH'),
                                             ('mha_local', 'BLKH')])
 def test_chunked_beam_search_reorders_less_and_finds_the_same(variant, layout):
-  from mqa_flax import benchmark, decoding  # pylint: disable=g-import-not-at-top
+  from mqa_flax import decoding  # pylint: disable=g-import-not-at-top
   n, k, window = VARIANTS[variant]
   model = Transformer(tiny(n, k, window, cache_layout=layout), rngs=nnx.Rngs(4))
   src, _ = batch(6)
@@ -259,10 +259,10 @@ def test_chunked_beam_search_reorders_less_and_finds_the_same(variant, layout):
   assert not np.allclose(jax.device_get(unordered(src))[1], p1)
   # Reorder bytes per step (kind 'gather'), averaged over the loops of equal
   # length: the chunked loops move only the positions written so far.
-  per_body = benchmark.loop_traffic(chunked.lower(src).compile().as_text(), 1,
+  per_body = hlo.loop_traffic(chunked.lower(src).compile().as_text(), 1,
                                     every_body=True)
   gathered = [b.get('gather', 0) for b in per_body]
-  whole = benchmark.loop_traffic(full.lower(src).compile().as_text(), 1).get('gather', 0)
+  whole = hlo.loop_traffic(full.lower(src).compile().as_text(), 1).get('gather', 0)
   assert whole > 0 and len(gathered) == max_len // 2
   assert max(gathered) <= whole
   if not window:  # A ring buffer of 3 slots is whole from the second loop on.

@@ -21,8 +21,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
+from conftest import make_examples
 from mqa_flax import data
 from mqa_flax import errors
+from mqa_flax import state as state_lib
 from mqa_flax import train_lib
 from mqa_flax.config import ModelConfig
 
@@ -138,7 +140,7 @@ def _config():
 def _final_state(workdir):
   config = _config()
   cfg = ModelConfig.from_config(config.model, config.data.vocab_size)
-  _, abstract = train_lib.abstract_state(cfg, train_lib.make_optimizer(config.opt, STEPS))
+  _, abstract = state_lib.abstract_state(cfg, state_lib.make_optimizer(config.opt, STEPS))
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
   try:
     return manager.restore(STEPS, args=ocp.args.Composite(
@@ -152,8 +154,8 @@ def test_each_example_is_seen_once_per_epoch_across_processes(process_count):
   # Example i's source starts with the unique id i + 1; lengths vary, so that
   # packing differs between the shares.
   n = 101
-  examples = data.Examples.from_lists([[i + 1] + [1] * (i % 5) for i in range(n)],
-                                      [[2] * (1 + i % 3) for i in range(n)])
+  examples = make_examples([[i + 1] + [1] * (i % 5) for i in range(n)],
+                           [[2] * (1 + i % 3) for i in range(n)])
   seen = []
   for p in range(process_count):
     batches = data.PackedBatches(examples, 2 * process_count, 16, 0, p, process_count)

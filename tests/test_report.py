@@ -1,4 +1,4 @@
-"""Tests for mqa_flax.report on fake run directories."""
+"""Tests for mqa_flax.report (with results, tables, plots) on fake run directories."""
 
 import json
 import os
@@ -9,6 +9,8 @@ from matplotlib import image
 import pytest
 
 from mqa_flax import report
+from mqa_flax import results
+from mqa_flax import tables
 
 MODEL = {'num_heads': 8, 'num_kv_heads': 8, 'head_dim': 128, 'd_ff': 4096,
          'local_window': 0}
@@ -99,7 +101,7 @@ def _table_row(text, first_cell):
 
 def test_report_tables_and_plots(runs, tmp_path):
   out = str(tmp_path / 'out')
-  assert report.main(runs + ['--out', out]) == out
+  assert report.write_report(runs, out) == out
 
   t1 = open(os.path.join(out, 'table1.md')).read()
   header = _table_row(t1, 'variant')
@@ -151,7 +153,7 @@ def test_report_skips_plots_without_data(tmp_path):
   run.mkdir()
   _write(run, 'config.json', {'seed': 0, 'model': {**MODEL, 'local_window': 32}})
   out = str(tmp_path / 'out')
-  report.main([str(run), '--out', out])
+  report.write_report([str(run)], out)
   md = open(os.path.join(out, 'report.md')).read()
   row = _table_row(md, 'mha_local')  # Variant derived from the model.
   assert row[1] == 'multi-head h=8 K=8, local window 32'
@@ -163,18 +165,19 @@ def test_report_skips_plots_without_data(tmp_path):
 
 
 def test_bad_run_directories(tmp_path):
-  with pytest.raises(report.ReportError, match='not a directory'):
-    report.main([str(tmp_path / 'missing')])
-  with pytest.raises(report.ReportError, match='neither config.json nor benchmark'):
-    report.main([str(tmp_path)])
+  with pytest.raises(results.ReportError, match='not a directory'):
+    report.write_report([str(tmp_path / 'missing')], str(tmp_path / 'out'))
+  with pytest.raises(results.ReportError, match='neither config.json nor benchmark'):
+    report.write_report([str(tmp_path)], str(tmp_path / 'out'))
 
 
 def test_cli_prints_one_line_error(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
-      [sys.executable, '-m', 'mqa_flax.report', str(tmp_path / 'missing')],
+      [sys.executable, '-m', 'mqa_flax.report', str(tmp_path / 'missing'),
+       '--out', str(tmp_path / 'out')],
       cwd=root, capture_output=True, text=True, check=False)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert proc.stderr.strip() == f'error: {tmp_path / "missing"}: not a directory'
 
 
@@ -185,8 +188,8 @@ def test_table2_labels_each_implementation_when_several_appear():
     rows.append(dict(_bench_row('mqa', 'greedy', 64, us, 'padded'),
                      attention_impl=impl, cache_layout=layout))
   rows[-1]['error'] = 'ModuleNotFoundError: pallas_attention'  # A failed row.
-  text = report.table2(rows)
+  text = tables.table2(rows)
   assert _table_row(text, 'mqa (xla/BLKH)')[2].endswith('9.00')
   assert _table_row(text, 'mqa (xla/BKLH)')[2].endswith('6.00')
   assert 'pallas' not in text  # Error rows have no time to show.
-  assert 'xla/BKLH' not in report.table2(rows[:2])  # One implementation: as before.
+  assert 'xla/BKLH' not in tables.table2(rows[:2])  # One implementation: as before.

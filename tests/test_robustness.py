@@ -19,8 +19,9 @@ from mqa_flax import data
 from mqa_flax import errors
 from mqa_flax import metrics
 from mqa_flax import runs
+from mqa_flax import state as state_lib
 from mqa_flax import train_lib
-from mqa_flax.config import ModelConfig
+from mqa_flax.config import ModelConfig, set_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='', JAX_PLATFORMS='cpu')
@@ -29,7 +30,7 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='', JAX_PLATFORMS='cpu')
 def tiny_config(**overrides):
   c = demo.get_config('mha,tiny')
   c.unlock()
-  return variants.set_values(c, {'num_train_steps': 40, 'checkpoint_every': 20,
+  return set_values(c, {'num_train_steps': 40, 'checkpoint_every': 20,
                                  **overrides})
 
 
@@ -153,8 +154,8 @@ def test_training_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path):
 def test_truncated_checkpoints_are_set_aside_until_none_is_left(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   cfg = ModelConfig.from_config(tiny_config().model, 64)
-  tx = train_lib.make_optimizer(tiny_config().opt, 40)
-  _, abstract = train_lib.abstract_state(cfg, tx)
+  tx = state_lib.make_optimizer(tiny_config().opt, 40)
+  _, abstract = state_lib.abstract_state(cfg, tx)
   truncate(os.path.join(workdir, 'checkpoints', '40', 'state'))
   ckpt = ckpt_lib.Checkpointer(workdir, 3)
   state, _ = ckpt.restore_intact(abstract)
@@ -324,11 +325,11 @@ def test_stopped_translation_keeps_the_finished_lines(trained, tmp_path, monkeyp
       raise KeyboardInterrupt  # Ctrl-C (SIGTERM raises errors.Stopped the same way).
     return [f'out {i}' for i in range(len(lines))]
 
-  monkeypatch.setattr(decode, '_TRANSLATE_BLOCK', 2)
-  monkeypatch.setattr(runs, 'translate_run', translate_then_stop)
+  monkeypatch.setattr(runs, 'TRANSLATE_BLOCK', 2)
+  monkeypatch.setattr(runs.Run, 'translate', translate_then_stop)
   try:
     with pytest.raises(errors.Stopped, match='after translating 2 of 3 lines'):
-      decode.run_translate(trained)
+      decode.translate_mode(trained)
   finally:
     flags.FLAGS.unparse_flags()
   assert out.read_text() == 'out 0\nout 1\n'

@@ -6,13 +6,13 @@ These numbers are the README's; update both if a change to the model is intended
 import pytest
 
 from configs import demo, multi30k, paper, variants
-from mqa_flax import summary
+from mqa_flax import costs
 from mqa_flax.config import ModelConfig, matched_d_ff
 
 
 def analyze(variant, **shape):
   c = paper.get_config(variant)
-  return c, summary.analyze(ModelConfig.from_config(c.model, c.data.vocab_size),
+  return c, costs.analyze(ModelConfig.from_config(c.model, c.data.vocab_size),
                             shape.get('batch', 1024), 128, 128)
 
 
@@ -35,7 +35,7 @@ def test_other_families_are_parameter_matched(config):
 
 def analyze_family(config, variant):
   c = config.get_config(variant)
-  return summary.param_groups_total(ModelConfig.from_config(c.model, c.data.vocab_size))
+  return costs.param_count(ModelConfig.from_config(c.model, c.data.vocab_size))
 
 
 def test_gqa_names_need_more_query_heads():
@@ -65,7 +65,7 @@ def test_decode_traffic_and_cache():
 def test_beam_reorder_moves_the_whole_self_cache_twice():
   c = paper.get_config('mqa')
   cfg = ModelConfig.from_config(c.model, c.data.vocab_size)
-  beam = summary.analyze(cfg, 256, 128, 128, beam_size=4)
+  beam = costs.analyze(cfg, 256, 128, 128, beam_size=4)
   per_row = 128 * beam['kv_cache_bytes_per_token']  # Every position of the cache.
   assert beam['decode_reorder_bytes_per_step_padded'] == 2 * 256 * 4 * per_row
   assert beam['decode_reorder_bytes_per_step_growing'] == 2 * 256 * 4 * per_row * 64.5 / 128

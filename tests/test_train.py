@@ -16,9 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import demo
 from configs import variants
+from mqa_flax import state as state_lib
+from mqa_flax import steps
 from mqa_flax import train_lib
 from mqa_flax.checkpoint import Checkpointer
-from mqa_flax.config import ModelConfig
+from mqa_flax.config import ModelConfig, set_values
 from mqa_flax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
   c = demo.get_config('mqa,tiny')
   c.unlock()
-  return variants.set_values(c, overrides)
+  return set_values(c, overrides)
 
 
 def losses(workdir):
@@ -73,16 +75,16 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
 def test_data_parallel_step_equals_single_device():
   config = tiny_config()
   cfg = ModelConfig.from_config(config.model, 64)
-  tx = train_lib.make_optimizer(config.opt, 10)
+  tx = state_lib.make_optimizer(config.opt, 10)
   rng = np.random.default_rng(0)
   batch = {'inputs': rng.integers(1, 64, (8, 16)), 'targets': rng.integers(1, 64, (8, 12))}
   batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = Mesh(np.array(devices), ('data',))
-    graphdef, state = train_lib.create_state(cfg, tx, 0, mesh)
+    graphdef, state = state_lib.create_state(cfg, tx, 0, mesh)
     step = jax.jit(functools.partial(
-        train_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=0.1))
+        steps.train_step, graphdef=graphdef, tx=tx, label_smoothing=0.1))
     sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
     state, metrics = step(state, sharded, jax.random.key(0))
     assert len(state.params['embed'].get_value().sharding.device_set) == len(devices)
@@ -145,13 +147,13 @@ def test_golden_metrics_after_one_step():
   """Update these numbers only if a change to the model or loss is intended."""
   config = tiny_config()
   cfg = ModelConfig.from_config(config.model, 64)
-  tx = train_lib.make_optimizer(config.opt, 10)
+  tx = state_lib.make_optimizer(config.opt, 10)
   mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
-  graphdef, state = train_lib.create_state(cfg, tx, 0, mesh)
+  graphdef, state = state_lib.create_state(cfg, tx, 0, mesh)
   rng = np.random.default_rng(0)
   batch = {'inputs': jnp.asarray(rng.integers(1, 64, (4, 16)), jnp.int32),
            'targets': jnp.asarray(rng.integers(1, 64, (4, 12)), jnp.int32)}
-  step = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
                                    label_smoothing=0.1))
   losses_, norms = [], []
   for _ in range(3):

@@ -1,0 +1,69 @@
+"""The pure, jittable steps of training and evaluation: losses, gradients, sums.
+
+Steps return sums and token counts; the host normalises them (so that
+batches and devices add up exactly).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mqa_flax.state import TrainState
+
+
+def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array,
+                 label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+  """Label-smoothed loss and plain negative log-likelihood per token, [B, T]."""
+  lse = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+  nll = lse - target_logit
+  smooth = lse - logits_BTV.mean(-1)  # Cross-entropy with the uniform distribution.
+  return (1 - label_smoothing) * nll + label_smoothing * smooth, nll
+
+
+def _forward_sums(graphdef, params, batch, label_smoothing, rngs=None):
+  model = nnx.merge(graphdef, params)
+  logits = model(batch['inputs'], batch['targets'],
+                 inputs_segmentation=batch.get('inputs_segmentation'),
+                 targets_segmentation=batch.get('targets_segmentation'),
+                 inputs_position=batch.get('inputs_position'),
+                 targets_position=batch.get('targets_position'), rngs=rngs)
+  loss, nll = token_losses(logits, batch['targets'], label_smoothing)
+  weights = (batch['targets'] != 0).astype(jnp.float32)
+  correct = (logits.argmax(-1) == batch['targets']) * weights
+  return (loss * weights).sum(), {'nll_sum': (nll * weights).sum(),
+                                  'tokens': weights.sum(),
+                                  'correct': correct.sum()}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               label_smoothing: float) -> tuple[TrainState, dict]:
+  """One optimizer step on the mean per-token loss; returns sums for logging.
+
+  `rng` (the run's dropout key, folded with the step) is an argument rather
+  than a constant, so that runs with different seeds share one executable.
+  """
+  dropout_key = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    rngs = nnx.Rngs(dropout=dropout_key)
+    loss_sum, aux = _forward_sums(graphdef, params, batch, label_smoothing, rngs)
+    return loss_sum / jnp.maximum(aux['tokens'], 1.0), (loss_sum, aux)
+
+  grads, (loss_sum, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+  return new, dict(aux, loss_sum=loss_sum, grad_norm=grad_norm)
+
+
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *,
+              graphdef: nnx.GraphDef, label_smoothing: float) -> dict:
+  """Summed loss, NLL, token count and correct predictions of one batch."""
+  loss_sum, aux = _forward_sums(graphdef, params, batch, label_smoothing)
+  return dict(aux, loss_sum=loss_sum)
+
+

@@ -1,0 +1,56 @@
+"""Tests for mqa_flax.hlo: loop traffic read from compiled HLO text."""
+
+import jax
+import jax.numpy as jnp
+
+from mqa_flax import hlo
+
+B, T = 4, 8
+
+
+def _toy_loop(keep_old: bool) -> str:
+  """Compiled HLO of a cache-update loop; keeping the old cache needs a copy."""
+  def f(cache):
+    def body(i, carry):
+      cur, old = carry
+      new = jax.lax.dynamic_update_slice_in_dim(
+          cur, jnp.full((B, 1, 8), i, cur.dtype), i, axis=1)
+      return new, cur if keep_old else old
+    return jax.lax.fori_loop(0, T, body, (cache, jnp.zeros_like(cache)))
+  cache = jnp.zeros((B, T, 8))
+  return jax.jit(f, donate_argnums=0).lower(cache).compile().as_text()
+
+
+def test_loop_traffic_sees_a_copy_per_step():
+  leaf = B * T * 8 * 4
+  copied = hlo.loop_traffic(_toy_loop(keep_old=True), leaf)
+  assert hlo.cache_copy_bytes(copied) >= leaf, copied
+  in_place = hlo.loop_traffic(_toy_loop(keep_old=False), leaf)
+  assert hlo.cache_copy_bytes(in_place) == 0, in_place
+  assert in_place.get('dynamic-update-slice', 0) >= leaf, in_place
+
+
+def test_loop_traffic_classifies_fusions_by_their_root():
+  text = """HloModule m
+%fused_computation (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}
+}
+%fused_dus (p: f32[4,8], u: f32[4,1], i: s32[]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %d = f32[4,8]{1,0} dynamic-update-slice(%p, %u, %z, %i)
+}
+%body (s: (f32[4,8])) -> (f32[4,8]) {
+  %s = (f32[4,8]{1,0}) parameter(0)
+  %g = f32[4,8]{1,0} get-tuple-element(%s), index=0
+  %copy_dynamic-update-slice_fusion = f32[4,8]{1,0} fusion(%g), kind=kLoop, calls=%fused_dus
+  %copy_fusion = f32[8,4]{1,0} fusion(%g), kind=kLoop, calls=%fused_computation
+  %small = f32[4]{0} copy(%x)
+  ROOT %r = (f32[4,8]{1,0}) tuple(%copy_dynamic-update-slice_fusion)
+}
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %w = (f32[4,8]{1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+  assert hlo.loop_traffic(text, 128) == {'dynamic-update-slice': 128,
+                                         'transpose': 128}
