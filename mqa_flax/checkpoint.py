@@ -194,6 +194,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
+    """The newest saved step, or None."""
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_states: list[dict[str, int]],
@@ -276,6 +277,7 @@ class Checkpointer:
     return restored['state']['params']
 
   def close(self) -> None:
+    """Waits for the last asynchronous save, then closes."""
     self.manager.wait_until_finished()
     self.manager.close()
 
@@ -308,6 +310,7 @@ class BestParams:
     return True
 
   def close(self) -> None:
+    """Waits for the last asynchronous save, then closes."""
     self.manager.wait_until_finished()
     self.manager.close()
 

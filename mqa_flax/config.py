@@ -70,6 +70,7 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
+    """`dtype` as a numpy dtype."""
     return jnp.dtype(self.dtype)
 
   @property

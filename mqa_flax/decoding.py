@@ -53,6 +53,8 @@ def _forced_eos(step: jax.Array,
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GreedyState:
+  """The loop state of greedy search."""
+
   step: jax.Array  # [] int32, index of the token being produced.
   tokens: jax.Array  # [B, T] int32
   finished: jax.Array  # [B] bool, EOS already emitted.
@@ -134,6 +136,8 @@ def greedy_search(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BeamState:
+  """The loop state of beam search: alive and finished hypotheses per sentence."""
+
   step: jax.Array  # [] int32, index of the token being produced.
   alive_seqs: jax.Array  # [B, M, T] int32, no EOS inside.
   alive_logp: jax.Array  # [B, M] float32, raw log-probabilities.

@@ -37,6 +37,7 @@ USER_ERRORS = (UserError, OSError)
 
 
 def debug() -> bool:
+  """Whether MQA_FLAX_DEBUG asks for tracebacks."""
   return os.environ.get('MQA_FLAX_DEBUG', '') not in ('', '0')
 
 

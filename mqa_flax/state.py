@@ -26,6 +26,8 @@ from mqa_flax.model import Transformer, abstract_model
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
+  """What a train checkpoint holds besides the data position."""
+
   step: jax.Array  # Completed steps, int32 [].
   params: nnx.State
   opt_state: optax.OptState
