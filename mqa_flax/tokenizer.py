@@ -61,14 +61,23 @@ class Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str,
                     max_sentences: int, seed: int = 0) -> Tokenizer:
-  """Trains a unigram model of exactly `vocab_size` pieces and saves it."""
+  """Trains a unigram model of exactly `vocab_size` pieces and saves it.
+
+  At most `max_sentences` texts are used, a random subset drawn with `seed`
+  here: sentencepiece's own sampling gives another vocabulary in every
+  process, whatever its seed.
+  """
+  texts = list(texts)
+  if len(texts) > max_sentences:
+    keep = np.random.default_rng(seed).choice(len(texts), max_sentences, replace=False)
+    texts = [texts[i] for i in np.sort(keep)]
   model = io.BytesIO()
   spm.set_random_generator_seed(seed)
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model,
         vocab_size=vocab_size, model_type='unigram', character_coverage=1.0,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        input_sentence_size=0, shuffle_input_sentence=False,
         # Identity normalization and kept whitespace make decode(encode(x)) == x.
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,

@@ -1,5 +1,9 @@
 """Tests for the sentencepiece wrapper."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mqa_flax import tokenizer as tokenizer_lib
@@ -51,3 +55,17 @@ def test_too_large_vocab_is_a_clear_error(tmp_path):
 def test_too_small_vocab_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='raise data.vocab_size'):
     tokenizer_lib.train_tokenizer(_TEXTS, 10, str(tmp_path / 'x.model'), 1000)
+
+
+def test_sampled_vocabulary_is_the_same_in_every_process(tmp_path):
+  # 300 distinct texts, 100 sampled: each process must draw the same ones.
+  code = ('import sys; from mqa_flax import tokenizer as t; '
+          "t.train_tokenizer([f'text {i} ' + 'abcdefghij'[i % 10] * (i % 7) "
+          "for i in range(300)], 40, sys.argv[1], max_sentences=100, seed=3)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  models = []
+  for name in ('a.model', 'b.model'):
+    subprocess.run([sys.executable, '-c', code, str(tmp_path / name)], check=True,
+                   cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    models.append((tmp_path / name).read_bytes())
+  assert models[0] == models[1]
