@@ -11,7 +11,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests train and decode the same tiny models, in and out of process.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'mqa_flax_tests_jax_cache'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
@@ -31,3 +31,4 @@ def make_examples(src: list[list[int]], tgt: list[list[int]]):
 
   assert len(src) == len(tgt)
   return data.Examples(*flat(src), *flat(tgt))
+

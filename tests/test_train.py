@@ -189,7 +189,7 @@ def test_multi30k_recipe_is_stated_in_epochs():
 
 def test_epochs_set_the_steps_and_best_dev_parameters_are_decoded(tmp_path):
   from mqa_flax import runs  # pylint: disable=import-outside-toplevel
-  config = tiny_config(num_epochs=3.0, eval_every=2, checkpoint_every=1000,
+  config = tiny_config(num_epochs=3.0, eval_every=8, checkpoint_every=1000,
                        **{'opt.warmup_fraction': 0.25})
   train_lib.train_and_evaluate(config, str(tmp_path))
   saved = json.load(open(tmp_path / 'config.json'))
