@@ -75,15 +75,15 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
     return out.reshape(b, t, n, h)
-  # [B*K, S, H]: one batched matmul over C = B*K rows of M = R*T*G queries.
-  m = r * t * g
-  q = q.transpose(0, 2, 1, 3, 4).reshape(bk * kh, m, h)
-  logits = jnp.einsum('CSH,CMH->CMS', k, q, preferred_element_type=jnp.float32)
+  # [B*K, S, H]: one batched matmul over C = B*K rows of Q = R*T*G queries.
+  queries = r * t * g
+  q = q.transpose(0, 2, 1, 3, 4).reshape(bk * kh, queries, h)
+  logits = jnp.einsum('CSH,CQH->CQS', k, q, preferred_element_type=jnp.float32)
   mask = jnp.broadcast_to(mask_BTS.reshape(bk, 1, r * t, 1, s),
-                          (bk, kh, r * t, g, s)).reshape(bk * kh, m, s)
+                          (bk, kh, r * t, g, s)).reshape(bk * kh, queries, s)
   logits = jnp.where(mask, logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('CMS,CSH->CMH', probs, v).reshape(bk, kh, r * t, g, h)
+  out = jnp.einsum('CQS,CSH->CQH', probs, v).reshape(bk, kh, r * t, g, h)
   return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from mqa_flax.errors import UserError
+from mqa_flax.errors import CONFIGS_NOT_IMPORTABLE, UserError
 
 KV_SCOPES = ('all', 'decoder')
 POS_EMBEDDINGS = ('learned', 'sinusoidal')
@@ -148,8 +148,7 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   except ModuleNotFoundError as e:
     if e.name != 'configs':
       raise
-    raise UserError(f'{path} imports the configs/ folder, which is not on the '
-                    'import path: run the command from the repository root') from None
+    raise UserError(f'{path} {CONFIGS_NOT_IMPORTABLE}') from None
   return module.get_config(arg)
 
 

@@ -34,6 +34,8 @@ class Stopped(Exception):
 
 # OSError covers missing paths, permissions, read-only and full disks.
 USER_ERRORS = (UserError, OSError)
+CONFIGS_NOT_IMPORTABLE = ('imports the configs/ folder, which is not on the import '
+                          'path: run the command from the repository root')
 
 
 def debug() -> bool:
@@ -65,8 +67,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except ModuleNotFoundError as e:  # A config file importing configs.<name>.
     if e.name != 'configs' or debug():
       raise
-    fail('the config file imports the configs/ folder, which is not on the import '
-         'path: run the command from the repository root')
+    fail(f'the config file {CONFIGS_NOT_IMPORTABLE}')
   except (AttributeError, KeyError) as e:  # ml_collections: no such config key.
     if debug():
       raise

@@ -13,7 +13,6 @@ import tomllib
 import pytest
 
 from configs import demo
-from configs import variants
 from mqa_flax import checkpoint as ckpt_lib
 from mqa_flax import data
 from mqa_flax import errors

@@ -15,7 +15,6 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import demo
-from configs import variants
 from mqa_flax import state as state_lib
 from mqa_flax import steps
 from mqa_flax import train_lib
