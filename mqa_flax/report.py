@@ -9,7 +9,9 @@ within a group give "mean ± std" (sample std), "(n=k)" marking cells that
 fewer runs reported.
 """
 
+import datetime
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import app
@@ -22,9 +24,10 @@ from mqa_flax import tables
 from mqa_flax.results import group_runs, load_run
 
 
-def write_report(paths: Sequence[str], out: str) -> str:
+def write_report(paths: Sequence[str], out: str, command: str | None = None) -> str:
   """Writes table1.md, table2.md, report.md and the plots of the run
-  directories `paths` into `out`; returns `out`."""
+  directories `paths` into `out` (report.md names `command`, the code's
+  commit and the date); returns `out`."""
   runs = [load_run(p) for p in paths]
   quality = [r for r in runs if r.config is not None]
   groups = group_runs(quality)
@@ -53,7 +56,10 @@ def write_report(paths: Sequence[str], out: str) -> str:
   run_rows = [[f'`{r.path}`', r.variant if r.config else 'benchmark only',
                (r.config or {}).get('seed', tables.DASH), len(r.metrics),
                ', '.join(r.bleu) or tables.DASH, len(r.benchmark)] for r in runs]
-  report = ('# MQA / GQA report\n\n' + t1 + '\n' + t2 + '\n## Plots\n\n' +
+  made = (f'Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC '
+          f'by code at {metrics.git_commit() or tables.DASH}'
+          + (f' with `{command}`' if command else '') + '.\n\n')
+  report = ('# MQA / GQA report\n\n' + made + t1 + '\n' + t2 + '\n## Plots\n\n' +
             '\n'.join(figures) + '\n## Runs\n\n' +
             tables.md_table(['path', 'variant', 'seed', 'metric lines', 'bleu.json keys',
                       'benchmark rows'], run_rows))
@@ -116,7 +122,8 @@ def write_benchmark(rows: Sequence[dict], out_dir: str) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) < 2:
     raise app.UsageError('give one or more run directories')
-  print(write_report(argv[1:], flags.FLAGS.out))
+  command = 'python -m mqa_flax.report ' + ' '.join(sys.argv[1:])
+  print(write_report(argv[1:], flags.FLAGS.out, command))
 
 
 if __name__ == '__main__':

@@ -185,12 +185,16 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
                  if r.get('us_per_token') is not None]
   devices = sorted({str(r['device']) for r in bench if r.get('device')})
   dates = sorted({str(r['date']) for r in bench if r.get('date')})
+  commits = sorted({str(r['git_commit']) for r in bench if r.get('git_commit')})
+  commands = list(dict.fromkeys(str(r['command']) for r in bench if r.get('command')))
   return (
       '## Table 2: speed\n\n' + md_table(header, rows) +
       '\nPer variant and kind, the row with the largest batch and, of its '
       'cache modes, the fastest; the encoder is timed at the same batch and '
       'source length where measured. Decoding is µs per output token.\n\n'
-      f'Device: {", ".join(devices) or DASH}. Date: {", ".join(dates) or DASH}.\n'
+      f'Device: {", ".join(devices) or DASH}. Date: {", ".join(dates) or DASH}. '
+      f'Code: {", ".join(commits) or DASH}.\n'
+      + ''.join(f'\nCommand: `{c}`\n' for c in commands) +
       '\n### Every benchmark row\n\n' +
       md_table(['variant', 'kind', 'cache', 'batch', 'S', 'T', 'dtype',
                 'µs/token', 'compile (s)', 'MB/step', 'GB/s',

@@ -193,3 +193,16 @@ def test_table2_labels_each_implementation_when_several_appear():
   assert _table_row(text, 'mqa (xla/BKLH)')[2].endswith('6.00')
   assert 'pallas' not in text  # Error rows have no time to show.
   assert 'xla/BKLH' not in tables.table2(rows[:2])  # One implementation: as before.
+
+
+def test_report_names_the_command_commit_device_and_date(tmp_path):
+  run = tmp_path / 'bench'
+  run.mkdir()
+  _write(str(run), 'benchmark.jsonl', [dict(
+      _bench_row('mqa', 'greedy', 64, 2.0, 'padded'), git_commit='abc123',
+      command='python decode.py --mode=benchmark', date='2026-01-02')])
+  out = report.write_report([str(run)], str(tmp_path / 'out'), command='python -m x')
+  md = open(os.path.join(out, 'report.md')).read()
+  assert 'Code: abc123.' in md and 'Date: 2026-01-02.' in md
+  assert 'Command: `python decode.py --mode=benchmark`' in md
+  assert 'with `python -m x`' in md
