@@ -151,9 +151,8 @@ def benchmark_mode() -> str:
     raise app.UsageError('benchmark needs --variants (with --config) or --workdir')
   train_rows, train_len = (int(x) for x in _B_TRAIN.value)
   out = _OUT.value or _WORKDIR.value or 'runs/benchmark'
-  command = ' '.join(sys.argv)
-  emit = metrics.jsonl_appender(os.path.join(out, 'benchmark.jsonl'), command=command,
-                                git_commit=metrics.git_commit())
+  emit = metrics.jsonl_appender(os.path.join(out, 'benchmark.jsonl'),
+                                **metrics.provenance())
   rows = benchmark.run_at_batches(
       variants, [int(b) for b in _B_BATCH.value], _B_KINDS.value, states=states,
       src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,

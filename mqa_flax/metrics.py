@@ -12,19 +12,24 @@ readers should let the later line win.
 """
 
 import contextlib
+import datetime
 import json
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import logging
+import jax
 import tensorboardX
 from tensorboardX import summary as tbx_summary
 
 METRICS_FILE = 'metrics.jsonl'
+# One line per training start or resume: `provenance()`, start step, devices.
+LAUNCHES_FILE = 'launches.jsonl'
 
 
 def flatten_dict(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -146,6 +151,15 @@ def git_commit() -> str | None:
                           cwd=os.path.dirname(__file__)).stdout.strip() or None
   except (OSError, subprocess.CalledProcessError):
     return None
+
+
+def provenance() -> dict[str, str | None]:
+  """What produces a result: this process's command line, the code's commit,
+  the kind of its first device and the time (UTC, seconds)."""
+  return dict(command=' '.join(sys.argv), git_commit=git_commit(),
+              device=jax.devices()[0].device_kind,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec='seconds'))
 
 
 def format_duration(seconds: float) -> str:

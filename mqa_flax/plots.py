@@ -11,12 +11,12 @@ from mqa_flax.results import RunFiles, series
 from mqa_flax.tables import DASH, bleu_keys, bleu_label, impl_label
 
 
-def plot_bleu(groups: dict[str, list[RunFiles]], path: str) -> bool:
-  """Plots test BLEU per variant (seeds as points, mean as a bar); False if no data."""
+def plot_bleu(groups: dict[str, list[RunFiles]]) -> Figure | None:
+  """Plots test BLEU per variant (seeds as points, mean as a bar); None if no data."""
   keys = [k for k in bleu_keys([r for g in groups.values() for r in g])
           if k.startswith('test/')]
   if not keys:
-    return False
+    return None
   fig = Figure(figsize=(max(5, 1.2 * len(groups) + 2), 4))
   ax = fig.subplots()
   width, all_values = 0.8 / len(keys), []
@@ -40,13 +40,12 @@ def plot_bleu(groups: dict[str, list[RunFiles]], path: str) -> bool:
   unique = dict(zip(labels, handles))  # One entry per key, not per bar.
   ax.legend(unique.values(), unique.keys())
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return True
+  return fig
 
 
-def plot_decode(bench: Sequence[dict[str, Any]], path: str) -> bool:
+def plot_decode(bench: Sequence[dict[str, Any]]) -> Figure | None:
   """Plots greedy decoder µs/token against batch with its memory floor (dashed)
-  and compute floor (dotted); False if no data."""
+  and compute floor (dotted); None if no data."""
   curves = collections.defaultdict(dict)
   greedy = [r for r in bench if r.get('kind') == 'greedy'
             and r.get('us_per_token') and r.get('batch')]
@@ -58,7 +57,7 @@ def plot_decode(bench: Sequence[dict[str, Any]], path: str) -> bool:
     if old is None or r['us_per_token'] < old['us_per_token']:
       curves[key][r['batch']] = r
   if not curves:
-    return False
+    return None
   fig = Figure(figsize=(6.5, 4.5))
   ax = fig.subplots()
   # Color per variant, marker per cache mode.
@@ -85,17 +84,16 @@ def plot_decode(bench: Sequence[dict[str, Any]], path: str) -> bool:
   ax.set_title('Greedy decoding (dashed: memory floor, dotted: compute floor)')
   ax.legend(fontsize='small')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return True
+  return fig
 
 
-def plot_curves(runs: Sequence[RunFiles], path: str) -> bool:
-  """Plots train/loss and eval/ln_ppl against step for every run; False if no data."""
+def plot_curves(runs: Sequence[RunFiles]) -> Figure | None:
+  """Plots train/loss and eval/ln_ppl against step for every run; None if no data."""
   names = ('train/loss', 'eval/ln_ppl')
   data = [(r.name, [series(r, n) for n in names]) for r in runs]
   data = [(name, s) for name, s in data if any(s)]
   if not data:
-    return False
+    return None
   fig = Figure(figsize=(11, 4))
   axes = fig.subplots(1, 2)
   for name, curves in data:
@@ -109,5 +107,4 @@ def plot_curves(runs: Sequence[RunFiles], path: str) -> bool:
     if ax.lines:
       ax.legend(fontsize='small')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return True
+  return fig

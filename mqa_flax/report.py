@@ -26,47 +26,59 @@ from mqa_flax.results import group_runs, load_run
 
 def write_report(paths: Sequence[str], out: str, command: str | None = None) -> str:
   """Writes table1.md, table2.md, report.md and the plots of the run
-  directories `paths` into `out` (report.md names `command`, the code's
-  commit and the date); returns `out`."""
+  directories `paths` into `out`; returns `out`. A table or plot without data
+  is not written (an earlier report's is removed). The tables name the
+  devices, dates, commits and commands of their numbers; report.md and each
+  plot (PNG metadata) also name `command`, the code's commit and the date."""
   runs = [load_run(p) for p in paths]
   quality = [r for r in runs if r.config is not None]
   groups = group_runs(quality)
   bench = [row for r in runs for row in r.benchmark]
   os.makedirs(out, exist_ok=True)
-
-  t1 = tables.table1(groups) if groups else '## Table 1: quality\n\nNo run with config.json.\n'
-  t2 = tables.table2(bench) if bench else '## Table 2: speed\n\nNo benchmark.jsonl rows.\n'
+  made = (f'Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC '
+          f'by code at {metrics.git_commit() or tables.DASH}'
+          + (f' with `{command}`' if command else '') + '.')
+  sources = tables.provenance(
+      bench + [x for r in quality for x in r.launches + list(r.bleu.values())])
+  t1 = tables.table1(groups) if groups else None
+  t2 = tables.table2(bench) if bench else None
   figures_to_draw = {
-      'bleu_by_variant.png':
-          (lambda p: plots.plot_bleu(groups, p), 'no test BLEU in bleu.json'),
-      'decode_vs_batch.png':
-          (lambda p: plots.plot_decode(bench, p), 'no greedy benchmark rows'),
-      'training_curves.png':
-          (lambda p: plots.plot_curves(quality, p), 'no train/loss or eval/ln_ppl'),
+      'bleu_by_variant.png': (plots.plot_bleu(groups), 'no test BLEU in bleu.json'),
+      'decode_vs_batch.png': (plots.plot_decode(bench), 'no greedy benchmark rows'),
+      'training_curves.png': (plots.plot_curves(quality), 'no train/loss or eval/ln_ppl'),
   }
   figures = []
-  for fname, (plot, why) in figures_to_draw.items():
+  for fname, (fig, why) in figures_to_draw.items():
     path = os.path.join(out, fname)
-    if plot(path):
-      figures.append(f'![{fname}]({fname})\n')
-    else:
-      if os.path.exists(path):  # Stale plot from an earlier report.
-        os.remove(path)
+    if fig is None:
+      _remove_stale(path)
       figures.append(f'{fname}: skipped ({why}).\n')
+    else:
+      fig.savefig(path, dpi=120, metadata={'Description': made + '\n' + sources})
+      figures.append(f'![{fname}]({fname})\n')
   run_rows = [[f'`{r.path}`', r.variant if r.config else 'benchmark only',
                (r.config or {}).get('seed', tables.DASH), len(r.metrics),
                ', '.join(r.bleu) or tables.DASH, len(r.benchmark)] for r in runs]
-  made = (f'Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC '
-          f'by code at {metrics.git_commit() or tables.DASH}'
-          + (f' with `{command}`' if command else '') + '.\n\n')
-  report = ('# MQA / GQA report\n\n' + made + t1 + '\n' + t2 + '\n## Plots\n\n' +
-            '\n'.join(figures) + '\n## Runs\n\n' +
+  report = ('# MQA / GQA report\n\n' + made + '\n\n' +
+            (t1 or '## Table 1: quality\n\nNo run with config.json.\n') + '\n' +
+            (t2 or '## Table 2: speed\n\nNo benchmark.jsonl rows.\n') +
+            '\n## Plots\n\n' + '\n'.join(figures) + '\n## Runs\n\n' +
             tables.md_table(['path', 'variant', 'seed', 'metric lines', 'bleu.json keys',
-                      'benchmark rows'], run_rows))
+                             'benchmark rows'], run_rows))
   for fname, text in (('table1.md', t1), ('table2.md', t2), ('report.md', report)):
-    with open(os.path.join(out, fname), 'w') as f:
+    path = os.path.join(out, fname)
+    if text is None:
+      _remove_stale(path)
+      continue
+    with open(path, 'w') as f:
       f.write(text)
   return out
+
+
+def _remove_stale(path: str) -> None:
+  """Removes an earlier report's file that this report has no data for."""
+  if os.path.exists(path):
+    os.remove(path)
 
 
 def write_benchmark(rows: Sequence[dict], out_dir: str) -> str:

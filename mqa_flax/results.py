@@ -4,9 +4,11 @@ A run directory holds `config.json` (needs top-level "variant" and "seed", and
 "model" with num_heads, num_kv_heads, head_dim, d_ff, local_window) and
 optionally `summary.json` ("params_total"), `metrics.jsonl` (see
 `mqa_flax.metrics`), `bleu.json` ({"<split>/<search>": {"bleu_13a", "bleu_intl",
-"signature_13a", "checkpoint_step", ...}}) and `benchmark.jsonl` (one timed row
-per line, carrying its own "variant"). A directory with only benchmark.jsonl is
-a benchmark run.
+"signature_13a", "checkpoint_step", "command", "git_commit", "device", "date",
+...}}), `launches.jsonl` (what trained it: "command", "git_commit", "device",
+"date" per start or resume) and `benchmark.jsonl` (one timed row per line,
+carrying its own "variant" and the same four fields). A directory with only
+benchmark.jsonl is a benchmark run.
 """
 
 import collections
@@ -42,6 +44,7 @@ class RunFiles:
   metrics: list[dict[str, Any]]
   bleu: dict[str, dict[str, Any]]
   benchmark: list[dict[str, Any]]
+  launches: list[dict[str, Any]]
 
   @property
   def name(self) -> str:
@@ -88,7 +91,8 @@ def load_run(path: str) -> RunFiles:
     raise ReportError(f'{path}: has neither config.json nor benchmark.jsonl')
   return RunFiles(path, config, _load(file('summary.json')) or {},
              _load(file('metrics.jsonl'), jsonl=True) or [],
-             _load(file('bleu.json')) or {}, benchmark or [])
+             _load(file('bleu.json')) or {}, benchmark or [],
+             _load(file(metrics.LAUNCHES_FILE), jsonl=True) or [])
 
 
 def series(run: RunFiles, name: str) -> dict[int, float]:

@@ -1,7 +1,6 @@
 """Trained runs: restoring a workdir, translating with it, scoring BLEU."""
 
 import dataclasses
-import datetime
 import json
 import os
 from typing import Callable, Sequence, TextIO
@@ -151,8 +150,7 @@ def score_split(run: Run, split: str, beam_size: int, name: str | None = None,
            'signature_intl': scores['bleu_intl_signature'],
            'num_sentences': scores['num_sentences'], 'checkpoint_step': run.step,
            'checkpoint': run.checkpoint, 'dev_ln_ppl': run.dev_ln_ppl,
-           'split': spec, 'beam_size': beam_size,
-           'date': datetime.datetime.now(datetime.timezone.utc).isoformat()}
+           'split': spec, 'beam_size': beam_size, **metrics_lib.provenance()}
   try:
     _record_score(run, name, search, hyps, entry)
   except OSError as e:

@@ -71,6 +71,17 @@ def bleu_cells(runs: Sequence[RunFiles], keys: Sequence[str], field: str) -> lis
           for k in keys]
 
 
+def provenance(records: Sequence[dict[str, Any]]) -> str:
+  """The devices, dates, commits and commands that `records` (benchmark rows,
+  bleu.json entries, launches.jsonl lines) name, as markdown."""
+  values = lambda key: list(dict.fromkeys(str(r[key]) for r in records if r.get(key)))
+  dates = sorted(values('date'))
+  return (f'Device: {", ".join(sorted(values("device"))) or DASH}. '
+          f'Date: {" to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else DASH}. '
+          f'Code: {", ".join(sorted(values("git_commit"))) or DASH}.\n'
+          + ''.join(f'\nCommand: `{c}`\n' for c in values('command')))
+
+
 def table1(groups: dict[str, list[RunFiles]]) -> str:
   """Returns Table 1 (quality) as markdown: 13a BLEU, then intl BLEU."""
   runs = [r for g in groups.values() for r in g]
@@ -102,6 +113,7 @@ def table1(groups: dict[str, list[RunFiles]]) -> str:
              'the minimum dev ln(PPL) over that run is used.\n')
   if sigs:
     text += '\nSignature: ' + '; '.join(f'`{s}`' for s in sigs) + '\n'
+  text += '\n' + provenance([x for r in runs for x in r.launches + list(r.bleu.values())])
   if keys:
     text += ('\n### BLEU, intl tokenization\n\n' +
              md_table(['variant', 'n'] + [bleu_label(k) for k in keys], rows_intl))
@@ -183,18 +195,12 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
       r.get('tgt_len') or 0))
   detail_rows = [detail_row(r, many) for r in detail
                  if r.get('us_per_token') is not None]
-  devices = sorted({str(r['device']) for r in bench if r.get('device')})
-  dates = sorted({str(r['date']) for r in bench if r.get('date')})
-  commits = sorted({str(r['git_commit']) for r in bench if r.get('git_commit')})
-  commands = list(dict.fromkeys(str(r['command']) for r in bench if r.get('command')))
   return (
       '## Table 2: speed\n\n' + md_table(header, rows) +
       '\nPer variant and kind, the row with the largest batch and, of its '
       'cache modes, the fastest; the encoder is timed at the same batch and '
       'source length where measured. Decoding is µs per output token.\n\n'
-      f'Device: {", ".join(devices) or DASH}. Date: {", ".join(dates) or DASH}. '
-      f'Code: {", ".join(commits) or DASH}.\n'
-      + ''.join(f'\nCommand: `{c}`\n' for c in commands) +
+      + provenance(bench) +
       '\n### Every benchmark row\n\n' +
       md_table(['variant', 'kind', 'cache', 'batch', 'S', 'T', 'dtype',
                 'µs/token', 'compile (s)', 'MB/step', 'GB/s',

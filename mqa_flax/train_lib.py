@@ -270,6 +270,10 @@ class Trainer:
     c = self.config
     step = int(self.state.step)
     self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.primary)
+    if self.primary:  # One line per start or resume: what trained these steps.
+      metrics_lib.jsonl_appender(os.path.join(self.workdir, metrics_lib.LAUNCHES_FILE))(dict(
+          metrics_lib.provenance(), start_step=step, devices=jax.device_count(),
+          processes=jax.process_count()))
     if step == 0:
       self.writer.write_hparams(c.to_dict())
     self.schedule = state_lib.make_schedule(c.opt, self.total)

@@ -36,6 +36,9 @@ def test_bleu_and_translate_modes(trained):
   entry = json.load(open(os.path.join(trained, 'bleu.json')))['test/beam2']
   assert entry['checkpoint_step'] == 20 and entry['num_sentences'] == 16
   assert 'tok:intl' in entry['signature_intl']
+  assert entry['command'].startswith(os.path.join(ROOT, 'decode.py') + ' --workdir=')
+  assert entry['device'] == 'cpu' and entry['date'].startswith('20')
+  assert 'git_commit' in entry  # None outside a git checkout.
   hyps = open(os.path.join(trained, 'hyps', 'test.beam2.txt')).read().splitlines()
   assert len(hyps) == 16
   out = _decode(f'--workdir={trained}', '--mode=translate', '--beam_size=1',
@@ -93,7 +96,8 @@ def test_benchmark_mode_over_variants(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'benchmark.jsonl')]
   assert {(r['variant'], r['kind'], r['batch']) for r in rows} == {
       (v, k, b) for v in ('mha', 'mqa') for k in ('encoder', 'greedy') for b in (1, 2)}
-  assert all(r['dtype'] == 'float32' for r in rows)
+  assert all(r['dtype'] == 'float32' and r['device'] == 'cpu' and r['date']
+             and '--mode=benchmark' in r['command'] for r in rows)
   greedy = [r for r in rows if r['kind'] == 'greedy']
   assert {(r['attention_impl'], r['cache_layout']) for r in greedy} == {
       ('xla', 'BKLH'), ('cudnn', 'BLKH')}

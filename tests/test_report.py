@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from matplotlib import image
+from PIL import Image
 import pytest
 
 from mqa_flax import report
@@ -153,7 +154,12 @@ def test_report_skips_plots_without_data(tmp_path):
   run.mkdir()
   _write(run, 'config.json', {'seed': 0, 'model': {**MODEL, 'local_window': 32}})
   out = str(tmp_path / 'out')
+  os.makedirs(out)
+  for stale in ('table2.md', 'decode_vs_batch.png'):  # An earlier report's.
+    open(os.path.join(out, stale), 'w').close()
   report.write_report([str(run)], out)
+  assert not os.path.exists(os.path.join(out, 'table2.md'))
+  assert os.path.exists(os.path.join(out, 'table1.md'))
   md = open(os.path.join(out, 'report.md')).read()
   row = _table_row(md, 'mha_local')  # Variant derived from the model.
   assert row[1] == 'multi-head h=8 K=8, local window 32'
@@ -201,8 +207,26 @@ def test_report_names_the_command_commit_device_and_date(tmp_path):
   _write(str(run), 'benchmark.jsonl', [dict(
       _bench_row('mqa', 'greedy', 64, 2.0, 'padded'), git_commit='abc123',
       command='python decode.py --mode=benchmark', date='2026-01-02')])
-  out = report.write_report([str(run)], str(tmp_path / 'out'), command='python -m x')
+  made = dict(device='H100', git_commit='def456')
+  trained = _quality_run(
+      tmp_path, 'mqa-s0', 'mqa', 0, {**MODEL, 'num_kv_heads': 1}, ppl=(2, 1.5, 1),
+      bleu={'test/beam4': dict(_bleu(30.0, 31.0), command='decode.py --mode=bleu',
+                               date='2026-01-03T10:00:00+00:00', **made)})
+  _write(trained, 'launches.jsonl', [  # Started, then resumed.
+      dict(command='train.py --workdir=a', date='2026-01-01T09:00:00+00:00', **made),
+      dict(command='train.py --workdir=a', date='2026-01-02T09:00:00+00:00', **made)])
+  out = report.write_report([str(run), trained], str(tmp_path / 'out'),
+                            command='python -m x')
   md = open(os.path.join(out, 'report.md')).read()
   assert 'Code: abc123.' in md and 'Date: 2026-01-02.' in md
   assert 'Command: `python decode.py --mode=benchmark`' in md
   assert 'with `python -m x`' in md
+  t1 = open(os.path.join(out, 'table1.md')).read()
+  assert ('Device: H100. Date: 2026-01-01T09:00:00+00:00 to 2026-01-03T10:00:00+00:00. '
+          'Code: def456.') in t1
+  assert t1.count('Command: `train.py --workdir=a`') == 1
+  assert 'Command: `decode.py --mode=bleu`' in t1
+  with Image.open(os.path.join(out, 'decode_vs_batch.png')) as png:
+    about = png.info['Description']
+  assert 'with `python -m x`' in about and 'Code: abc123, def456.' in about
+  assert 'Command: `train.py --workdir=a`' in about

@@ -49,6 +49,10 @@ def test_resume_is_exact(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
   assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
   assert Checkpointer(str(tmp_path / 'b'), 3).latest_step() == 8
+  launches = read_jsonl(tmp_path / 'b' / 'launches.jsonl')  # What trained run b.
+  assert [r['start_step'] for r in launches] == [0, 4]
+  assert all(r['device'] == jax.devices()[0].device_kind and r['date']
+             and r['devices'] == jax.device_count() for r in launches)
 
 
 def test_other_architecture_in_workdir_is_refused(tmp_path):
