@@ -8,7 +8,9 @@ optionally `summary.json` ("params_total"), `metrics.jsonl` (see
 ...}}), `launches.jsonl` (what trained it: "command", "git_commit", "device",
 "date" per start or resume) and `benchmark.jsonl` (one timed row per line,
 carrying its own "variant" and the same four fields). A directory with only
-benchmark.jsonl is a benchmark run.
+benchmark.jsonl is a benchmark run; `peer_flax_wmt.jsonl` beside it holds the
+Flax WMT example timed on the same machine (`.peers/flax_wmt_bench.py`'s lines),
+read as benchmark rows of the variant `PEER_VARIANT`.
 """
 
 import collections
@@ -22,6 +24,8 @@ from typing import Any
 from mqa_flax import metrics
 from mqa_flax.errors import UserError
 
+PEER_FILE = 'peer_flax_wmt.jsonl'
+PEER_VARIANT = 'Flax WMT example (mha)'
 ATTENTION_NAMES = {'mha': 'multi-head', 'mqa': 'multi-query', 'gqa': 'grouped-query'}
 
 
@@ -80,6 +84,26 @@ def _load(path: str, jsonl: bool = False) -> Any:
     raise ReportError(f'{path}: {e}') from None
 
 
+def peer_rows(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The Flax WMT example's timing lines as benchmark rows (kinds train,
+  encoder, greedy, beam4), keeping their device, date, command and commit."""
+  rows = []
+  for line in lines:
+    made = {k: line.get(k) for k in ('device', 'date', 'command', 'git_commit')}
+    row = lambda kind, batch, src, tgt, us: dict(
+        made, variant=PEER_VARIANT, kind=kind, cache=None, batch=batch,
+        src_len=src, tgt_len=tgt, us_per_token=us)
+    if 'train_us_per_output_token' in line:
+      rows.append(row('train', line['train_rows'], line['train_len'], line['train_len'],
+                      line['train_us_per_output_token']))
+    elif 'dec_us_per_token' in line:
+      shape = (line['batch'], line['src_len'], line['tgt_len'])
+      rows.append(row('encoder', *shape, line['enc_us_per_token']))
+      rows.append(row('greedy' if line['beam'] == 1 else f"beam{line['beam']}", *shape,
+                      line['dec_us_per_token']))
+  return rows
+
+
 def load_run(path: str) -> RunFiles:
   """Reads a run directory, raising ReportError if it is not one."""
   if not os.path.isdir(path):
@@ -87,6 +111,8 @@ def load_run(path: str) -> RunFiles:
   file = lambda name: os.path.join(path, name)
   config = _load(file('config.json'))
   benchmark = _load(file('benchmark.jsonl'), jsonl=True)
+  if benchmark is not None:
+    benchmark += peer_rows(_load(file(PEER_FILE), jsonl=True) or [])
   if config is None and benchmark is None:
     raise ReportError(f'{path}: has neither config.json nor benchmark.jsonl')
   return RunFiles(path, config, _load(file('summary.json')) or {},

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from mqa_flax.results import ATTENTION_NAMES, RunFiles, attention_kind, dev_ln_ppl
+from mqa_flax.results import (ATTENTION_NAMES, PEER_VARIANT, RunFiles, attention_kind,
+                              dev_ln_ppl)
 
 DASH = '–'
 # Known bleu.json keys first (the paper's columns); any other key follows.
@@ -157,6 +158,27 @@ def impl_label(r: dict[str, Any]) -> str:
   return f"{r.get('attention_impl') or 'xla'}/{r.get('cache_layout') or 'BLKH'}"
 
 
+def peer_ratios(bench: Sequence[dict[str, Any]]) -> str:
+  """'Flax WMT example / ours' for each of the peer's rows and each of our
+  variants timed at the same kind, batch, lengths and device (our fastest
+  row there); '' without such pairs."""
+  same = lambda r: tuple(r.get(k) for k in ('kind', 'batch', 'src_len', 'tgt_len', 'device'))
+  timed = [r for r in bench if r.get('us_per_token')]
+  parts = []
+  for peer in (r for r in timed if r.get('variant') == PEER_VARIANT):
+    ours = {}
+    for r in timed:
+      if r.get('variant') != PEER_VARIANT and same(r) == same(peer):
+        ours[r['variant']] = min(ours.get(r['variant'], math.inf), r['us_per_token'])
+    if ours:
+      parts.append(f"{peer['kind']} at batch {peer['batch']}: " + ', '.join(
+          f"{v} {num(peer['us_per_token'] / u)}x" for v, u in ours.items()))
+  if not parts:
+    return ''
+  return ('\nFlax WMT example / ours, µs per token at the same shape on the same '
+          'device (above 1: ours is faster): ' + '; '.join(parts) + '.\n')
+
+
 def table2(bench: Sequence[dict[str, Any]]) -> str:
   """Returns Table 2 (speed) and the table of every benchmark row as markdown.
 
@@ -174,7 +196,7 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
   rows = []
   for variant, rs in by_variant.items():
     train = pick(rs, 'train')
-    for label in labels if many else [None]:
+    for label in labels if many and variant != PEER_VARIANT else [None]:
       mine = [r for r in rs if label is None or impl_label(r) == label
               or r.get('kind') in ('train', 'encoder')]
       cells, batches = [], [train['batch'] if train else DASH]
@@ -199,8 +221,8 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
       '## Table 2: speed\n\n' + md_table(header, rows) +
       '\nPer variant and kind, the row with the largest batch and, of its '
       'cache modes, the fastest; the encoder is timed at the same batch and '
-      'source length where measured. Decoding is µs per output token.\n\n'
-      + provenance(bench) +
+      'source length where measured. Decoding is µs per output token.\n'
+      + peer_ratios(bench) + '\n' + provenance(bench) +
       '\n### Every benchmark row\n\n' +
       md_table(['variant', 'kind', 'cache', 'batch', 'S', 'T', 'dtype',
                 'µs/token', 'compile (s)', 'MB/step', 'GB/s',

@@ -174,19 +174,35 @@ def stage_table2() -> bool:
 
 
 def stage_peer(out: str) -> bool:
-  """The Flax WMT example at the same shape, on the same machine, right after."""
+  """The Flax WMT example at the same shape, on the same machine, right after.
+
+  Its JSON lines go to peer_flax_wmt.jsonl (which the report reads beside
+  benchmark.jsonl), each with the command, our commit and the start time.
+  """
   peer = os.path.join(ROOT, '.peers', 'flax_wmt_bench.py')
   if not os.path.exists(peer):
     log('no .peers/flax_wmt_bench.py: the Flax WMT example was not timed')
     return False
-  with open(os.path.join(out, 'peer.log'), 'a') as err, open(
-      os.path.join(out, 'peer.jsonl'), 'a') as jsonl:
+  cmd = python(peer, *(TINY_PEER if ARGS.tiny else ()))
+  made = dict(command=' '.join(['python', os.path.relpath(peer, ROOT), *cmd[2:]]),
+              git_commit=subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, text=True,
+                                        capture_output=True).stdout.strip() or None,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+  with open(os.path.join(out, 'peer.log'), 'a') as err:
     try:
-      rc = subprocess.run(python(peer, *(TINY_PEER if ARGS.tiny else ())), cwd=ROOT,
-                          stdout=jsonl, stderr=err, env=ENV, check=False,
-                          timeout=max(left() - ARGS.pack_reserve, 1)).returncode
-    except subprocess.TimeoutExpired:
-      rc = 'timeout'
+      proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                            env=ENV, check=False,
+                            timeout=max(left() - ARGS.pack_reserve, 1))
+      rc, lines = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as e:
+      rc, lines = 'timeout', e.output or ''
+  if isinstance(lines, bytes):
+    lines = lines.decode()
+  with open(os.path.join(out, 'peer_flax_wmt.jsonl'), 'a') as jsonl:
+    for line in lines.splitlines():
+      if line.startswith('{'):  # The measurements; anything else stays out.
+        with contextlib.suppress(ValueError):
+          jsonl.write(json.dumps(dict(json.loads(line), **made)) + '\n')
   log(f'peer rc={rc}')
   pack('table2', ['table2'])
   return rc == 0

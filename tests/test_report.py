@@ -230,3 +230,31 @@ def test_report_names_the_command_commit_device_and_date(tmp_path):
     about = png.info['Description']
   assert 'with `python -m x`' in about and 'Code: abc123, def456.' in about
   assert 'Command: `train.py --workdir=a`' in about
+
+
+def test_flax_example_beside_our_rows_gives_ratios_at_the_same_shape(tmp_path):
+  run = tmp_path / 'table2'
+  run.mkdir()
+  _write(str(run), 'benchmark.jsonl', [
+      _bench_row('mha', 'greedy', 64, 2.0, 'padded'),
+      _bench_row('mha', 'greedy', 64, 1.6, 'growing'),  # Our fastest at that shape.
+      _bench_row('mqa', 'greedy', 64, 0.5, 'padded'),
+      _bench_row('mqa', 'greedy', 8, 0.1, 'padded'),  # No peer row at batch 8.
+      _bench_row('mha', 'train', 128, 4.0)])
+  made = dict(device='cpu', command='python .peers/flax_wmt_bench.py', git_commit='p1',
+              date='2025-01-03')
+  _write(str(run), results.PEER_FILE, [
+      dict(made, peer='flax-examples-wmt', batch=64, beam=1, src_len=32, tgt_len=32,
+           enc_us_per_token=0.5, dec_us_per_token=8.0),
+      dict(made, peer='flax-examples-wmt', train_rows=128, train_len=32,
+           train_us_per_output_token=3.0)])
+  t2 = tables.table2(results.load_run(str(run)).benchmark)
+  assert _table_row(t2, results.PEER_VARIANT)[1:] == [
+      '3.00', '0.500 + 8.00', '0.500 + –', '128 / 64 / –']  # Encoder only.
+  assert ('greedy at batch 64: mha 5.00x, mqa 16.0x; train at batch 128: mha 0.750x.'
+          in t2)
+  assert 'Command: `python .peers/flax_wmt_bench.py`' in t2 and 'Code: p1.' in t2
+  # On another device there is no ratio to give.
+  other = [dict(r, device='gpu') if r['variant'] == results.PEER_VARIANT else r
+           for r in results.load_run(str(run)).benchmark]
+  assert 'Flax WMT example / ours' not in tables.table2(other)
