@@ -45,7 +45,7 @@ def run_variant(variant: str, out: str, tiny: bool) -> dict:
   cfg = ModelConfig.from_config(config.model, run.tokenizer.vocab_size)
   batch, src_len, tgt_len = (int(x) for x in _BENCH.value)
   emit = metrics.jsonl_appender(os.path.join(workdir, 'benchmark.jsonl'),
-                                command=' '.join(sys.argv), git_commit=metrics.git_commit())
+                                command=metrics.command(), git_commit=metrics.git_commit())
   rows = benchmark.run({variant: cfg}, states={variant: run.params}, batch=batch,
                        src_len=src_len, tgt_len=tgt_len, kinds=('greedy',),
                        cache_modes=('padded',), reps=3, emit=emit)

@@ -103,15 +103,24 @@ def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   return wrapped
 
 
+def _quiet(record) -> bool:
+  """Whether a log record is shown: not orbax's, nor jax's INFO that a
+  platform it probes for (libtpu on every CPU machine) is absent."""
+  return not ('orbax' in record.pathname or (
+      record.levelno <= logging.converter.STANDARD_INFO
+      and record.getMessage().startswith('Unable to initialize backend')))
+
+
 def run(main: Callable[[list[str]], Any], positional_args: bool = False) -> None:
   """`absl.app.run(main)` with what every entry point shares: unexpected
-  arguments refused (unless `positional_args`), orbax's logging quietened,
-  one-line user errors and the documented exit codes."""
+  arguments refused (unless `positional_args`), orbax's logging and jax's
+  notes on absent platforms quietened, one-line user errors and the
+  documented exit codes."""
 
   def preamble(argv):
     if len(argv) > 1 and not positional_args:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.get_absl_handler().addFilter(lambda r: 'orbax' not in r.pathname)
+    logging.get_absl_handler().addFilter(_quiet)
     return main(argv)
 
   app.run(guard(preamble), flags_parser=_parse_flags)

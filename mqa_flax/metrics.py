@@ -153,10 +153,26 @@ def git_commit() -> str | None:
     return None
 
 
+def command() -> str:
+  """This process's command line as typed, never a machine's absolute path:
+  'python -m mqa_flax.demo --out=x' for a module run with -m, 'python
+  decode.py ...' for a script (its path relative to the working directory,
+  or only its name when it lies outside)."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  if spec is not None and spec.name:
+    program = '-m ' + spec.name.removesuffix('.__main__')
+  else:
+    program = sys.argv[0] if sys.argv else ''
+    if os.path.isabs(program):
+      rel = os.path.relpath(program)
+      program = os.path.basename(program) if rel.startswith('..') else rel
+  return ' '.join(['python', program, *sys.argv[1:]])
+
+
 def provenance() -> dict[str, str | None]:
-  """What produces a result: this process's command line, the code's commit,
-  the kind of its first device and the time (UTC, seconds)."""
-  return dict(command=' '.join(sys.argv), git_commit=git_commit(),
+  """What produces a result: this process's command line as typed, the
+  code's commit, the kind of its first device and the time (UTC, seconds)."""
+  return dict(command=command(), git_commit=git_commit(),
               device=jax.devices()[0].device_kind,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec='seconds'))

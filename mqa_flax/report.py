@@ -43,8 +43,11 @@ def write_report(paths: Sequence[str], out: str, command: str | None = None) -> 
   t1 = tables.table1(groups) if groups else None
   t2 = tables.table2(bench) if bench else None
   figures_to_draw = {
-      'bleu_by_variant.png': (plots.plot_bleu(groups), 'no test BLEU in bleu.json'),
-      'decode_vs_batch.png': (plots.plot_decode(bench), 'no greedy benchmark rows'),
+      'speed.png': (plots.plot_speed(bench), 'no greedy or beam-4 benchmark rows'),
+      'decode_vs_batch.png': (plots.plot_decode(bench),
+                              'no decoder row measured at two or more batches'),
+      'quality.png': (plots.plot_quality(groups),
+                      'no test/beam4 BLEU in bleu.json and no eval/ln_ppl'),
       'training_curves.png': (plots.plot_curves(quality), 'no train/loss or eval/ln_ppl'),
   }
   figures = []

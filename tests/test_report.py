@@ -9,10 +9,12 @@ from matplotlib import image
 from PIL import Image
 import pytest
 
+from mqa_flax import plots
 from mqa_flax import report
 from mqa_flax import results
 from mqa_flax import tables
 
+FIGURES = ('speed.png', 'decode_vs_batch.png', 'quality.png', 'training_curves.png')
 MODEL = {'num_heads': 8, 'num_kv_heads': 8, 'head_dim': 128, 'd_ff': 4096,
          'local_window': 0}
 
@@ -77,19 +79,24 @@ def runs(tmp_path):
       ppl=(1.9, 1.7, 1.65), bleu={'test/beam4': _bleu(39.5, 40.5, step=250)})
   bench = tmp_path / 'bench'
   bench.mkdir()
+  _write(bench, 'benchmark.jsonl', _bench_rows())
+  return [mha0, mha1, mqa, str(bench)]
+
+
+def _bench_rows():
+  """mha and mqa (4x faster) rows of every kind; greedy at batches 1, 8, 64."""
   rows = []
   for v, scale in (('mha', 4.0), ('mqa', 1.0)):
     rows += [_bench_row(v, 'train', 128, 0.4),
              _bench_row(v, 'encoder', 64, 1.7),
              _bench_row(v, 'encoder', 16, 2.0),
-             _bench_row(v, 'beam4', 16, 50.0 * scale, 'padded'),
+             _bench_row(v, 'beam4', 16, 50.0 * scale, 'padded', floor=10.0 * scale),
              _bench_row(v, 'beam4', 16, 60.0 * scale, 'growing')]
     for b in (1, 8, 64):
       for cache, slow in (('padded', 1.0), ('growing', 1.5)):
         rows.append(_bench_row(v, 'greedy', b, slow * scale * 300 / b, cache,
                                floor=scale * 100 / b))
-  _write(bench, 'benchmark.jsonl', rows)
-  return [mha0, mha1, mqa, str(bench)]
+  return rows
 
 
 def _table_row(text, first_cell):
@@ -140,7 +147,7 @@ def test_report_tables_and_plots(runs, tmp_path):
 
   md = open(os.path.join(out, 'report.md')).read()
   assert t1 in md and t2 in md
-  for name in ('bleu_by_variant.png', 'decode_vs_batch.png', 'training_curves.png'):
+  for name in FIGURES:
     assert f'![{name}]({name})' in md
     path = os.path.join(out, name)
     with open(path, 'rb') as f:
@@ -165,7 +172,7 @@ def test_report_skips_plots_without_data(tmp_path):
   assert row[1] == 'multi-head h=8 K=8, local window 32'
   assert row[8:] == ['–']
   assert 'No benchmark.jsonl rows.' in md
-  for name in ('bleu_by_variant.png', 'decode_vs_batch.png', 'training_curves.png'):
+  for name in FIGURES:
     assert f'{name}: skipped' in md
     assert not os.path.exists(os.path.join(out, name))
 
@@ -226,7 +233,7 @@ def test_report_names_the_command_commit_device_and_date(tmp_path):
           'Code: def456.') in t1
   assert t1.count('Command: `train.py --workdir=a`') == 1
   assert 'Command: `decode.py --mode=bleu`' in t1
-  with Image.open(os.path.join(out, 'decode_vs_batch.png')) as png:
+  with Image.open(os.path.join(out, 'speed.png')) as png:
     about = png.info['Description']
   assert 'with `python -m x`' in about and 'Code: abc123, def456.' in about
   assert 'Command: `train.py --workdir=a`' in about
@@ -258,3 +265,84 @@ def test_flax_example_beside_our_rows_gives_ratios_at_the_same_shape(tmp_path):
   other = [dict(r, device='gpu') if r['variant'] == results.PEER_VARIANT else r
            for r in results.load_run(str(run)).benchmark]
   assert 'Flax WMT example / ours' not in tables.table2(other)
+
+
+def _drawn(ax, prefix):
+  """{gid: artist} of the artists of `ax` whose gid starts with `prefix`."""
+  return {a.get_gid(): a for a in ax.get_children()
+          if (a.get_gid() or '').startswith(prefix)}
+
+
+def _axis(fig, title_start):
+  (ax,) = [ax for ax in fig.axes if ax.get_title().startswith(title_start)]
+  return ax
+
+
+def _bar_heights(ax):
+  return {gid.split(': ', 1)[1].split('\n')[0]: bar.get_height()
+          for gid, bar in _drawn(ax, 'measured').items()}
+
+
+def _hline_heights(ax, label):
+  lines = _drawn(ax, label)
+  return sorted(s[0][1] for c in lines.values() for s in c.get_segments())
+
+
+def test_speed_figure_draws_every_row_beside_its_floors():
+  rows = _bench_rows()
+  rows[3]['compute_floor_us_per_token'] = 2.0  # mha beam4 padded.
+  rows.append(dict(_bench_row(results.PEER_VARIANT, 'greedy', 64, 90.0), cache=None))
+  fig = plots.plot_speed(rows)
+  assert 'on cpu' in fig._suptitle.get_text()
+  greedy = _axis(fig, 'greedy: batch 64, S = 32, T = 32')
+  assert 'MHA / MQA = 4.00x' in greedy.get_title()
+  # One bar per variant at the largest batch, its fastest cache mode; the
+  # Flax example beside them, without floors.
+  assert len(greedy.patches) == 3
+  assert _bar_heights(greedy) == pytest.approx(
+      {'mha': 18.75, 'mqa': 4.6875, 'Flax WMT': 90.0})
+  assert _hline_heights(greedy, plots.MEMORY_FLOOR) == pytest.approx([100 / 64, 400 / 64])
+  assert not _drawn(greedy, plots.COMPUTE_FLOOR)  # No row has one.
+  beam = _axis(fig, 'beam 4: batch 16')
+  assert _bar_heights(beam) == pytest.approx({'mha': 200.0, 'mqa': 50.0})
+  assert _hline_heights(beam, plots.MEMORY_FLOOR) == pytest.approx([10.0, 40.0])
+  assert _hline_heights(beam, plots.COMPUTE_FLOOR) == pytest.approx([2.0])
+  assert plots.plot_speed([r for r in rows if r['kind'] == 'train']) is None
+
+
+def test_decode_vs_batch_draws_only_curves_of_two_or_more_batches():
+  rows = [r for r in _bench_rows() if r['kind'] == 'greedy' and r['cache'] == 'padded']
+  rows.append(_bench_row('gqa2', 'greedy', 64, 3.0, 'padded', floor=1.0))  # One batch.
+  fig = plots.plot_decode(rows)
+  (ax,) = fig.axes
+  measured = _drawn(ax, 'measured')
+  assert sorted(measured) == ['measured: mha padded (S=32, T=32, cpu)',
+                              'measured: mqa padded (S=32, T=32, cpu)']
+  mha = measured['measured: mha padded (S=32, T=32, cpu)']
+  assert list(mha.get_xdata()) == [1, 8, 64]
+  assert list(mha.get_ydata()) == pytest.approx([1200, 150, 18.75])
+  floors = _drawn(ax, plots.MEMORY_FLOOR)
+  assert len(floors) == 2
+  assert list(floors[f'{plots.MEMORY_FLOOR}: mha padded (S=32, T=32, cpu)']
+              .get_ydata()) == pytest.approx([400, 50, 6.25])
+  assert not _drawn(ax, plots.COMPUTE_FLOOR)
+  assert plots.plot_decode([r for r in rows if r['batch'] == 64]) is None
+
+
+def test_quality_figure_has_a_bar_per_variant_its_seeds_and_the_papers_marks(runs):
+  groups = results.group_runs([results.load_run(p) for p in runs[:3]])
+  fig = plots.plot_quality(groups)
+  bleu, ppl = _axis(fig, 'test BLEU'), _axis(fig, 'dev ln(PPL)')
+  for ax, means, seeds in ((bleu, {'mha': 41.5, 'mqa': 39.5}, {'mha': 2, 'mqa': 1}),
+                           (ppl, {'mha': 1.55, 'mqa': 1.65}, {'mha': 2, 'mqa': 1})):
+    bars = _drawn(ax, 'mean: ')
+    assert len(ax.patches) == len(bars) == len(groups)
+    assert {g[6:]: b.get_height() for g, b in bars.items()} == pytest.approx(means)
+    assert {g[7:]: len(a.get_offsets()) for g, a in _drawn(ax, 'seeds: ').items()} == seeds
+    assert sorted(t.get_text() for t in ax.texts) == ['n=1', 'n=2']
+  marks = {g: a.get_offsets()[0][1] for g, a in _drawn(ppl, 'paper: ').items()}
+  assert marks == pytest.approx({'paper: mha': 1.424, 'paper: mqa': 1.439})
+  assert len(_drawn(bleu, 'paper: ')) == 2
+  for r in groups['mha'] + groups['mqa']:  # A generated task: no paper marks.
+    r.config['data'] = {'source': 'numbers'}
+  assert not _drawn(plots.plot_quality(groups).axes[1], 'paper: ')
