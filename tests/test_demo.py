@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_end_to_end_tiny(tmp_path):
   out = subprocess.run(
       [sys.executable, '-m', 'mqa_flax.demo', '--tiny', f'--out={tmp_path}',
-       '--bench_shape=4,8,8'],
+       '--bench_batches=2,4', '--bench_len=8'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=''),
       capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -22,11 +22,18 @@ def test_demo_end_to_end_tiny(tmp_path):
     bleu = json.load(open(tmp_path / variant / 'bleu.json'))
     assert set(bleu) == {'test/greedy', 'test/beam4'}
     rows = [json.loads(x) for x in open(tmp_path / variant / 'benchmark.jsonl')]
-    assert rows[0]['variant'] == variant and rows[0]['kind'] == 'greedy'
+    assert [(r['variant'], r['kind'], r['batch']) for r in rows] == [
+        (variant, 'greedy', 2), (variant, 'greedy', 4)]
+    # The command as typed, not the path of demo.py on this machine.
+    assert rows[0]['command'] == (f'python -m mqa_flax.demo --tiny --out={tmp_path} '
+                                  '--bench_batches=2,4 --bench_len=8')
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / variant))
   report = (tmp_path / 'report' / 'report.md').read_text()
   assert 'mha' in report and 'mqa' in report
-  assert (tmp_path / 'report' / 'training_curves.png').stat().st_size > 0
+  for figure in ('speed.png', 'decode_vs_batch.png', 'quality.png', 'training_curves.png'):
+    assert f'![{figure}]({figure})' in report
+  assert 'with `python -m mqa_flax.demo --tiny' in report
+  assert 'libtpu' not in out.stderr  # No alarming lines on a normal start.
   # MQA's cache is a quarter of MHA's (K=1 vs K=4 at the same head size).
   kv = {line.split('|')[1].strip(): int(line.split('|')[8].replace(',', ''))
         for line in table}
