@@ -180,13 +180,16 @@ def plot_decode(bench: Sequence[dict[str, Any]]) -> Figure | None:
   axes = np.atleast_1d(fig.subplots(1, len(panels)))
   drawn = []
   for ax, (kind, curves) in zip(axes, panels.items()):
-    for i, (name, pts) in enumerate(curves.items()):
+    # A colour per variant, a marker per cache mode.
+    rows = [next(iter(pts.values())) for pts in curves.values()]
+    colors = {v: f'C{i % 10}' for i, v in enumerate(dict.fromkeys(r['variant'] for r in rows))}
+    markers = {c: 'osD^v'[i % 5] for i, c in enumerate(dict.fromkeys(r.get('cache') for r in rows))}
+    for (name, pts), r in zip(curves.items(), rows):
       b = sorted(pts)
       drawn += pts.values()
-      color = f'C{i % 10}'
-      short = name.split(' (')[0]
-      line, = ax.plot(b, [pts[x]['us_per_token'] for x in b], '-o', color=color,
-                      label=short)
+      color = colors[r['variant']]
+      line, = ax.plot(b, [pts[x]['us_per_token'] for x in b], '-',
+                      marker=markers[r.get('cache')], color=color, label=name.split(' (')[0])
       line.set_gid(f'measured: {name}')
       for field, style, what in (('floor_us_per_token', '--', MEMORY_FLOOR),
                                  ('compute_floor_us_per_token', ':', COMPUTE_FLOOR)):
@@ -246,10 +249,11 @@ def plot_quality(groups: dict[str, list[RunFiles]]) -> Figure | None:
       bar = ax.bar(x, np.mean(v), 0.6, color=color, alpha=0.4)[0]
       bar.set_gid(f'mean: {name}')
       if len(v) > 1:
-        ax.errorbar(x, np.mean(v), np.std(v, ddof=1), color='black', capsize=4)
+        spread = ax.errorbar(x, np.mean(v), np.std(v, ddof=1), color='black', capsize=4)
+        spread.lines[2][0].set_gid(f'std: {name}')
       seeds = ax.scatter([x] * len(v), v, color=color, s=18, zorder=3)
       seeds.set_gid(f'seeds: {name}')
-      ax.annotate(f'n={len(v)}', (x, max(v)), ha='center', va='bottom', fontsize=7,
+      ax.annotate(f'{num(float(np.mean(v)))}\nn={len(v)}', (x, max(v)), ha='center', va='bottom', fontsize=7,
                   xytext=(0, 3), textcoords='offset points')
       paper = PAPER_TABLE1.get(name.split(' ')[0], (None, None))[paper_index]
       if marks and paper is not None:
@@ -258,9 +262,10 @@ def plot_quality(groups: dict[str, list[RunFiles]]) -> Figure | None:
         mark.set_gid(f'paper: {name}')
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
     ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, 1.2 * max(y for a in ax.collections for _, y in a.get_offsets()))
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-      ax.legend(handles[:1], labels[:1], fontsize=7, loc='lower right')
+      ax.legend(handles[:1], labels[:1], fontsize=7, loc='lower right', framealpha=0.95)
   fig.suptitle('Quality per variant: bars the mean over seeds, points the seeds, '
                'error bars their std')
   note = '' if marks else 'No paper marks: a generated task, nothing like WMT14.'

@@ -339,7 +339,8 @@ def test_quality_figure_has_a_bar_per_variant_its_seeds_and_the_papers_marks(run
     assert len(ax.patches) == len(bars) == len(groups)
     assert {g[6:]: b.get_height() for g, b in bars.items()} == pytest.approx(means)
     assert {g[7:]: len(a.get_offsets()) for g, a in _drawn(ax, 'seeds: ').items()} == seeds
-    assert sorted(t.get_text() for t in ax.texts) == ['n=1', 'n=2']
+    assert sorted(t.get_text().split('\n')[1] for t in ax.texts) == ['n=1', 'n=2']
+    assert list(_drawn(ax, 'std: ')) == ['std: mha']  # Only mha has two seeds.
   marks = {g: a.get_offsets()[0][1] for g, a in _drawn(ppl, 'paper: ').items()}
   assert marks == pytest.approx({'paper: mha': 1.424, 'paper: mqa': 1.439})
   assert len(_drawn(bleu, 'paper: ')) == 2
