@@ -37,6 +37,11 @@ PAPER_LABEL = "paper's WMT14 EN-DE number (not comparable)"
 NO_PAPER_MARKS = ('numbers',)
 
 
+def _drawn_gids(ax, prefix: str) -> list[str]:
+  """The gids of the artists of `ax` that start with `prefix`."""
+  return [a.get_gid() for a in ax.get_children() if (a.get_gid() or '').startswith(prefix)]
+
+
 def _caption(fig: Figure, records: Sequence[dict[str, Any]], note: str = '') -> None:
   """Writes the devices and code commits of `records` (and `note`) under the axes."""
   values = lambda key: sorted({str(r[key]) for r in records if r.get(key)})
@@ -143,9 +148,11 @@ def plot_speed(bench: Sequence[dict[str, Any]]) -> Figure | None:
       ax.legend(fontsize=7, loc='upper left')
   devices = ', '.join(sorted({str(r.get('device')) for r in drawn}))
   fig.suptitle(f'Decoder speed, measured (bars) against its floors, on {devices}')
+  peer = any(r.get('variant') == PEER_VARIANT for r in drawn)
   _caption(fig, drawn, 'Memory floor: bytes per step / measured copy bandwidth; '
-           'compute floor: FLOPs / measured matmul throughput; none for the '
-           'Flax example. Each bar: its fastest cache mode.')
+           'compute floor: FLOPs / measured matmul throughput'
+           + ('; none for the Flax example' if peer else '')
+           + '. Each bar: its fastest cache mode.')
   fig.tight_layout(rect=(0, 0.05, 1, 1))
   return fig
 
@@ -207,13 +214,14 @@ def plot_decode(bench: Sequence[dict[str, Any]]) -> Figure | None:
     ax.set_title(f"{DECODER_KINDS[kind]}, S = {r0.get('src_len')}, "
                  f"T = {r0.get('tgt_len')}", fontsize=10)
     handles = ax.get_legend_handles_labels()[0] + [
-        Line2D([], [], color='gray', ls='-', marker='o', label='measured'),
-        Line2D([], [], color='gray', ls='--', label=MEMORY_FLOOR),
-        Line2D([], [], color='gray', ls=':', label=COMPUTE_FLOOR)]
+        Line2D([], [], color='gray', ls=ls, label=what)
+        for ls, what in (('-', 'measured'), ('--', MEMORY_FLOOR), (':', COMPUTE_FLOOR))
+        if what == 'measured' or _drawn_gids(ax, what)]
     ax.legend(handles=handles, fontsize=7)
   devices = ', '.join(sorted({str(r.get('device')) for r in drawn}))
   fig.suptitle(f'Decoder µs per output token against batch, on {devices}')
-  _caption(fig, drawn)
+  _caption(fig, drawn, 'Floors: bytes or FLOPs per token over the copy bandwidth '
+           'and matmul throughput measured with each row.')
   fig.tight_layout(rect=(0, 0.04, 1, 1))
   return fig
 
@@ -266,8 +274,9 @@ def plot_quality(groups: dict[str, list[RunFiles]]) -> Figure | None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
       ax.legend(handles[:1], labels[:1], fontsize=7, loc='lower right', framealpha=0.95)
-  fig.suptitle('Quality per variant: bars the mean over seeds, points the seeds, '
-               'error bars their std')
+  spread = any(len(v) > 1 for per_name in values.values() for v in per_name.values())
+  fig.suptitle('Quality per variant: bars the mean over seeds, points the seeds'
+               + (', error bars their std' if spread else '; one seed each (n=1)'))
   note = '' if marks else 'No paper marks: a generated task, nothing like WMT14.'
   _caption(fig, [x for g in groups.values() for r in g
                  for x in r.launches + list(r.bleu.values())], note)

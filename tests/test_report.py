@@ -326,6 +326,8 @@ def test_decode_vs_batch_draws_only_curves_of_two_or_more_batches():
   assert list(floors[f'{plots.MEMORY_FLOOR}: mha padded (S=32, T=32, cpu)']
               .get_ydata()) == pytest.approx([400, 50, 6.25])
   assert not _drawn(ax, plots.COMPUTE_FLOOR)
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert plots.MEMORY_FLOOR in legend and plots.COMPUTE_FLOOR not in legend
   assert plots.plot_decode([r for r in rows if r['batch'] == 64]) is None
 
 
@@ -341,6 +343,9 @@ def test_quality_figure_has_a_bar_per_variant_its_seeds_and_the_papers_marks(run
     assert {g[7:]: len(a.get_offsets()) for g, a in _drawn(ax, 'seeds: ').items()} == seeds
     assert sorted(t.get_text().split('\n')[1] for t in ax.texts) == ['n=1', 'n=2']
     assert list(_drawn(ax, 'std: ')) == ['std: mha']  # Only mha has two seeds.
+  assert fig._suptitle.get_text().endswith('error bars their std')
+  one_seed = plots.plot_quality({'mqa': groups['mqa']})
+  assert one_seed._suptitle.get_text().endswith('one seed each (n=1)')
   marks = {g: a.get_offsets()[0][1] for g, a in _drawn(ppl, 'paper: ').items()}
   assert marks == pytest.approx({'paper: mha': 1.424, 'paper: mqa': 1.439})
   assert len(_drawn(bleu, 'paper: ')) == 2
