@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import types
+
+from mqa_flax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,3 +41,17 @@ def test_demo_end_to_end_tiny(tmp_path):
   kv = {line.split('|')[1].strip(): int(line.split('|')[8].replace(',', ''))
         for line in table}
   assert kv['mqa'] * 4 == kv['mha']
+
+
+def test_command_is_named_as_typed_never_by_an_absolute_path(monkeypatch, tmp_path):
+  main = types.ModuleType('__main__')  # A script run by path has no __spec__.
+  main.__spec__ = None
+  monkeypatch.setitem(sys.modules, '__main__', main)
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(sys, 'argv', [os.path.join(ROOT, 'decode.py'), '--mode=bleu'])
+  assert metrics.command() == 'python decode.py --mode=bleu'
+  monkeypatch.chdir(tmp_path)  # The script lies outside the working directory.
+  assert metrics.command() == 'python decode.py --mode=bleu'
+  main.__spec__ = types.SimpleNamespace(name='mqa_flax.demo')  # python -m
+  monkeypatch.setattr(sys, 'argv', [os.path.join(ROOT, 'mqa_flax', 'demo.py'), '--out=x'])
+  assert metrics.command() == 'python -m mqa_flax.demo --out=x'
