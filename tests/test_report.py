@@ -293,7 +293,7 @@ def test_speed_figure_draws_every_row_beside_its_floors():
   rows[3]['compute_floor_us_per_token'] = 2.0  # mha beam4 padded.
   rows.append(dict(_bench_row(results.PEER_VARIANT, 'greedy', 64, 90.0), cache=None))
   fig = plots.plot_speed(rows)
-  assert 'on cpu' in fig._suptitle.get_text()
+  assert 'on cpu' in fig.get_suptitle()
   greedy = _axis(fig, 'greedy: batch 64, S = 32, T = 32')
   assert 'MHA / MQA = 4.00x' in greedy.get_title()
   # One bar per variant at the largest batch, its fastest cache mode; the
@@ -343,9 +343,9 @@ def test_quality_figure_has_a_bar_per_variant_its_seeds_and_the_papers_marks(run
     assert {g[7:]: len(a.get_offsets()) for g, a in _drawn(ax, 'seeds: ').items()} == seeds
     assert sorted(t.get_text().split('\n')[1] for t in ax.texts) == ['n=1', 'n=2']
     assert list(_drawn(ax, 'std: ')) == ['std: mha']  # Only mha has two seeds.
-  assert fig._suptitle.get_text().endswith('error bars their std')
+  assert fig.get_suptitle().endswith('error bars their std')
   one_seed = plots.plot_quality({'mqa': groups['mqa']})
-  assert one_seed._suptitle.get_text().endswith('one seed each (n=1)')
+  assert one_seed.get_suptitle().endswith('one seed each (n=1)')
   marks = {g: a.get_offsets()[0][1] for g, a in _drawn(ppl, 'paper: ').items()}
   assert marks == pytest.approx({'paper: mha': 1.424, 'paper: mqa': 1.439})
   assert len(_drawn(bleu, 'paper: ')) == 2
