@@ -147,7 +147,8 @@ def plot_speed(bench: Sequence[dict[str, Any]]) -> Figure | None:
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7, loc='upper left')
   devices = ', '.join(sorted({str(r.get('device')) for r in drawn}))
-  fig.suptitle(f'Decoder speed, measured (bars) against its floors, on {devices}')
+  fig.suptitle(f'Decoder µs per output token, measured (bars) against computed '
+               f'floors, on {devices}')
   peer = any(r.get('variant') == PEER_VARIANT for r in drawn)
   _caption(fig, drawn, 'Memory floor: bytes per step / measured copy bandwidth; '
            'compute floor: FLOPs / measured matmul throughput'
