@@ -190,8 +190,10 @@ def plot_decode(bench: Sequence[dict[str, Any]]) -> Figure | None:
   for ax, (kind, curves) in zip(axes, panels.items()):
     # A colour per variant, a marker per cache mode.
     rows = [next(iter(pts.values())) for pts in curves.values()]
-    colors = {v: f'C{i % 10}' for i, v in enumerate(dict.fromkeys(r['variant'] for r in rows))}
-    markers = {c: 'osD^v'[i % 5] for i, c in enumerate(dict.fromkeys(r.get('cache') for r in rows))}
+    variants = dict.fromkeys(r['variant'] for r in rows)
+    colors = {v: f'C{i % 10}' for i, v in enumerate(variants)}
+    caches = dict.fromkeys(r.get('cache') for r in rows)
+    markers = {c: 'osD^v'[i % 5] for i, c in enumerate(caches)}
     for (name, pts), r in zip(curves.items(), rows):
       b = sorted(pts)
       drawn += pts.values()
@@ -262,8 +264,8 @@ def plot_quality(groups: dict[str, list[RunFiles]]) -> Figure | None:
         spread.lines[2][0].set_gid(f'std: {name}')
       seeds = ax.scatter([x] * len(v), v, color=color, s=18, zorder=3)
       seeds.set_gid(f'seeds: {name}')
-      ax.annotate(f'{num(float(np.mean(v)))}\nn={len(v)}', (x, max(v)), ha='center', va='bottom', fontsize=7,
-                  xytext=(0, 3), textcoords='offset points')
+      ax.annotate(f'{num(float(np.mean(v)))}\nn={len(v)}', (x, max(v)), ha='center',
+                  va='bottom', fontsize=7, xytext=(0, 3), textcoords='offset points')
       paper = PAPER_TABLE1.get(name.split(' ')[0], (None, None))[paper_index]
       if marks and paper is not None:
         mark = ax.scatter([x + 0.38], [paper], marker='D', facecolors='none',
