@@ -8,7 +8,7 @@ mha_h8_dk16 (configs/variants.py); each has 211M parameters (+-1%) with the
 32k vocabulary. Training: 100k steps of 128 rows x 256 packed tokens,
 Adafactor with the inverse-square-root schedule. Needs the `wmt` extra (tfds),
 or `--config.data.source=text --config.data.data_dir=...` for local files.
-Paper result (newstest2014, beam 4): MHA 27.7 BLEU, MQA 27.5.
+Paper result (newstest2014 BLEU, greedy / beam 4): MHA 27.7 / 28.4, MQA 27.5 / 28.5.
 """
 
 import ml_collections
