@@ -89,7 +89,8 @@ def _saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]] | None:
     with open(os.path.join(item_dir, '_METADATA')) as f:
       tree = json.load(f)['tree_metadata']
     return {'/'.join(str(k['key']) for k in v['key_metadata']):
-            tuple(v['value_metadata']['write_shape']) for v in tree.values()}
+            tuple(v['value_metadata']['write_shape']) for v in tree.values()
+            if 'write_shape' in v['value_metadata']}  # Not None leaves.
   except (OSError, ValueError, KeyError, TypeError):
     return None  # Unreadable metadata: the restore itself reports the damage.
 

@@ -205,7 +205,7 @@ class Trainer:
     self.record = ckpt_lib.run_record(c.model.to_dict(), self.tokenizer.fingerprint,
                                       self.tokenizer.vocab_size)
     self.ckpt = ckpt_lib.Checkpointer(self.workdir, c.keep_checkpoints, self.record)
-    for step in self.ckpt.manager.all_steps():  # Refused before any work.
+    for step in sorted(self.ckpt.manager.all_steps(), reverse=True):  # Before any work.
       try:
         self.ckpt.check_record(step)
       except ckpt_lib.CheckpointDamaged:
