@@ -84,15 +84,17 @@ def check_record(saved: dict | None, current: dict | None, what: str, workdir: s
 
 
 def _saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]] | None:
-  """Shapes of the arrays of an orbax pytree item, by path, or None if unknown."""
+  """Global shapes of the arrays of an orbax pytree item, by path, or None if
+  unknown (an unreadable item: its restore then reports the damage)."""
+  if not os.path.isdir(item_dir):
+    return None
   try:
-    with open(os.path.join(item_dir, '_METADATA')) as f:
-      tree = json.load(f)['tree_metadata']
-    return {'/'.join(str(k['key']) for k in v['key_metadata']):
-            tuple(v['value_metadata']['write_shape']) for v in tree.values()
-            if 'write_shape' in v['value_metadata']}  # Not None leaves.
-  except (OSError, ValueError, KeyError, TypeError):
-    return None  # Unreadable metadata: the restore itself reports the damage.
+    meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  tree = getattr(meta, 'item_metadata', meta)
+  return {_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, 'shape')}
 
 
 def check_shapes(item_dir: str, abstract: Any, what: str, step: int) -> None:
