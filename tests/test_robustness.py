@@ -419,9 +419,9 @@ def test_a_full_disk_never_damages_bleu_json(trained, tmp_path, monkeypatch):
 
   monkeypatch.setattr(json, 'dump', dump_then_fail)
   lines = []
-  entry = runs.score_split(run, 'test', 1, report=lines.append)
+  with pytest.raises(errors.UserError, match='printed but not recorded .*No space left'):
+    runs.score_splits(run, [(None, 'test')], [1], report=lines.append)
   monkeypatch.setattr(json, 'dump', dump)
-  assert 'No space left on device' in entry['not_written']
   assert lines and lines[0].startswith('test greedy: BLEU')  # Printed all the same.
   assert list(_bleu_json(workdir)) == ['earlier/greedy']
   assert not [f for f in os.listdir(workdir) if '.tmp' in f]
@@ -476,7 +476,7 @@ def test_decoding_refuses_a_swapped_vocabulary(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   _other_vocabulary(workdir, 64)  # The same size: the arrays would fit.
   for step in (None, 20):
-    with pytest.raises(ckpt_lib.RunMismatch, match=r'spm\.model is not the vocabulary '
+    with pytest.raises(errors.UserError, match=r'spm\.model is not the vocabulary '
                        r'.*trained with .*put back'):
       runs.restore(workdir, step=step)
 
@@ -527,7 +527,7 @@ def test_decoding_refuses_an_edited_config_json(trained, tmp_path):
   config['model']['local_window'] = 2  # Same shapes, other translations.
   json.dump(config, open(path, 'w'))
   for step in (None, 20):
-    with pytest.raises(ckpt_lib.RunMismatch, match=r'config\.json gives another '
+    with pytest.raises(errors.UserError, match=r'config\.json gives another '
                        r'architecture .*model\.local_window: 0 at training, now 2'):
       runs.restore(workdir, step=step)
 
