@@ -170,18 +170,35 @@ class _QuietFailedReads(logging_std.Filter):
   def filter(self, record: logging_std.LogRecord) -> bool:
     message = record.getMessage()
     return not ('exception was never retrieved' in message
-                and 'tensorstore_spec' in message)
+                and ('tensorstore_spec' in message or 'No space left' in message
+                     or 'OSError(28' in message))
+
+
+def _quiet_async_failures() -> None:
+  """Keeps orbax's failed reads and writes (a damaged file, a full disk) to the
+  one error that reports them: the reads and writes still in flight finish
+  after orbax's event loop closed, each printing a traceback."""
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+  if not getattr(sys.excepthook, 'quiet', False):
+    sys.excepthook = _quiet_closed_loop_excepthook(sys.excepthook)
+  asyncio_logger = logging_std.getLogger('asyncio')
+  if not any(isinstance(f, _QuietFailedReads) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietFailedReads())
+
+
+def _quiet_closed_loop_excepthook(hook):
+  """`hook` without tensorstore callbacks' 'Event loop is closed' tracebacks."""
+  def quiet(exc_type, exc_value, tb):
+    if not (exc_type is RuntimeError and str(exc_value) == 'Event loop is closed'):
+      hook(exc_type, exc_value, tb)
+  quiet.quiet = True
+  return quiet
 
 
 def _read(what: str, step: int, fn, *args, **kwargs) -> Any:
   """`fn(*args, **kwargs)`, with any failure to read reported as CheckpointDamaged."""
-  # After a failed read, the reads still in flight finish after orbax's event
-  # loop closed, each printing a traceback that would bury the error.
-  if not getattr(sys.unraisablehook, 'quiet', False):
-    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
-  asyncio_logger = logging_std.getLogger('asyncio')
-  if not any(isinstance(f, _QuietFailedReads) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_QuietFailedReads())
+  _quiet_async_failures()
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
@@ -269,6 +286,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int, record: dict | None = None,
                config_source: str = '--config'):
     # Orbax coordinates the writes of several processes itself.
+    _quiet_async_failures()
     self.workdir = workdir
     self.record = record
     self.config_source = config_source

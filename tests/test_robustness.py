@@ -622,3 +622,32 @@ def test_repeated_signals_stop_a_decode_with_exit_3(trained, tmp_path, signum):
     assert proc.returncode == errors.EXIT_STOPPED, err[-3000:]
     assert f'stopped by signal {int(signum)}' in err and 'Traceback' not in err
   assert not os.path.exists(os.path.join(workdir, 'bleu.json'))
+
+
+def _can_mount_tmpfs():
+  return shutil.which('unshare') and subprocess.run(
+      ['unshare', '-Urm', 'sh', '-c', 'mount -t tmpfs -o size=1M tmpfs /mnt'],
+      capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason='needs unshare -Urm to mount a tmpfs')
+def test_a_real_full_disk_in_training_is_one_line_and_resumes(tmp_path):
+  # A 1.5 MB tmpfs fills while the second checkpoint is saved; then it grows.
+  mnt, workdir = tmp_path / 'mnt', tmp_path / 'mnt' / 'w'
+  mnt.mkdir()
+  train = ' '.join([sys.executable, os.path.join(ROOT, 'train.py'),
+                    '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
+                    f'--workdir={workdir}', '--config.num_train_steps=60',
+                    '--config.checkpoint_every=20'])
+  script = (f'mount -t tmpfs -o size=1500k tmpfs {mnt} && {{ {train} 2>{tmp_path}/full.err; '
+            f'echo $? > {tmp_path}/full.rc; mount -o remount,size=50m {mnt} && '
+            f'{train} 2>{tmp_path}/resumed.err; echo $? > {tmp_path}/resumed.rc; }}')
+  subprocess.run(['unshare', '-Urm', 'sh', '-c', script], cwd=ROOT, env=ENV, timeout=300)
+  err = (tmp_path / 'full.err').read_text()
+  lines = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert (tmp_path / 'full.rc').read_text().strip() == '2', err[-3000:]
+  assert len(lines) == 1 and 'No space left on device' in lines[0], err[-3000:]
+  assert 'Traceback' not in err and len(err.splitlines()) < 40, err[-3000:]
+  resumed = (tmp_path / 'resumed.err').read_text()
+  assert (tmp_path / 'resumed.rc').read_text().strip() == '0', resumed[-3000:]
+  assert 'resumed from step' in resumed or 'training 60 steps' in resumed
