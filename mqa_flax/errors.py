@@ -59,7 +59,8 @@ def disk_full(e: BaseException) -> str | None:
       return one_line(e)
     for line in str(e).splitlines():
       if 'No space left on device' in line or 'Disk quota exceeded' in line:
-        return ' '.join(line.split())[:400]
+        line = ' '.join(line.split())
+        return line if len(line) <= 400 else '...' + line[-400:]  # The reason ends it.
     e = e.__cause__ or e.__context__
   return None
 
