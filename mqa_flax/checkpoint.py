@@ -440,8 +440,8 @@ def read_best(workdir: str) -> dict | None:
   path = os.path.join(workdir, 'best', 'best.json')
   if not os.path.exists(path):
     return None
-  return files.read_json(path, 'restore it from a copy of the run, or decode a '
-                         'train checkpoint with --step=STEP')
+  return files.read_json(path, 'restore it from a copy of the run (meanwhile '
+                         'decode.py --step=STEP decodes a train checkpoint)')
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int,

@@ -75,8 +75,8 @@ def restore(workdir: str, step: int | None = None,
   if expected is not None:
     ckpt_lib.check_same_architecture(workdir, expected.to_dict())
   config = ml_collections.ConfigDict(files.read_json(
-      path, 'restore it from a copy of the run (or rerun its train.py command, '
-      'which writes it again)'))
+      path, 'restore it from a copy of the run, or remove it and rerun the '
+      "run's train.py command, which writes it again"))
   check_ranges(config, path)
   spm = os.path.join(workdir, 'spm.model')
   if not os.path.exists(spm):

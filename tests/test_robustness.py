@@ -651,3 +651,12 @@ def test_a_real_full_disk_in_training_is_one_line_and_resumes(tmp_path):
   resumed = (tmp_path / 'resumed.err').read_text()
   assert (tmp_path / 'resumed.rc').read_text().strip() == '0', resumed[-3000:]
   assert 'resumed from step' in resumed or 'training 60 steps' in resumed
+
+
+def test_truncated_best_json_is_a_user_error(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'best', 'best.json')
+  os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(errors.UserError, match=r'best\.json is not valid JSON .*--step=STEP'):
+    runs.restore(workdir)
+  assert runs.restore(workdir, step=40).step == 40
