@@ -21,7 +21,6 @@ existed are checked by their shapes alone.
 import contextlib
 import datetime
 import fcntl
-import json
 import logging as logging_std
 import math
 import os
