@@ -14,6 +14,8 @@ vocabulary and config.json. benchmark times random weights for each of
 empty.
 """
 
+import functools
+import math
 import os
 import sys
 
@@ -50,20 +52,27 @@ _INVALID_UTF8 = flags.DEFINE_enum(
 _OUTPUT = flags.DEFINE_string('output', '-', 'translate: output file, - for stdout.')
 _BEAM = flags.DEFINE_list('beam_size', [], 'Beams (1: greedy); default config.decode. '
                           'bleu: a list scores each split with each (e.g. 1,4).')
-_ALPHA = flags.DEFINE_float('alpha', None, 'Length penalty; default config.decode.alpha.')
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Sentences per batch; default config.')
+_ALPHA = flags.DEFINE_float('alpha', None, 'Length penalty; default config.decode.alpha.',
+                            lower_bound=0)
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Sentences per batch; default config.',
+                              lower_bound=1)
 _STEP = flags.DEFINE_integer('step', None, 'Train checkpoint step (default: the '
-                             "run's best parameters on dev, else the latest).")
+                             "run's best parameters on dev, else the latest).",
+                             lower_bound=0)
 _VARIANTS = flags.DEFINE_list('variants', [], 'benchmark: variants of --config.')
 _OUT = flags.DEFINE_string('out', None, 'benchmark: output directory (default workdir).')
 _B_BATCH = flags.DEFINE_list('bench_batch', ['1024'],
                              'benchmark: greedy batch sizes; all kinds at the first, '
                              'encoder and greedy at the others (decoder time vs batch).')
-_B_BEAM_BATCH = flags.DEFINE_integer('bench_beam_batch', 256, 'benchmark: beam-4 sentences.')
-_B_SRC = flags.DEFINE_integer('bench_src_len', 128, 'benchmark: source length.')
-_B_TGT = flags.DEFINE_integer('bench_tgt_len', 128, 'benchmark: target length.')
+_B_BEAM_BATCH = flags.DEFINE_integer('bench_beam_batch', 256, 'benchmark: beam-4 sentences.',
+                                     lower_bound=1)
+_B_SRC = flags.DEFINE_integer('bench_src_len', 128, 'benchmark: source length.',
+                              lower_bound=1)
+_B_TGT = flags.DEFINE_integer('bench_tgt_len', 128, 'benchmark: target length.',
+                              lower_bound=1)
 _B_TRAIN = flags.DEFINE_list('bench_train_shape', ['128', '256'], 'benchmark: train rows, length.')
-_B_REPS = flags.DEFINE_integer('bench_reps', 5, 'benchmark: timed repetitions.')
+_B_REPS = flags.DEFINE_integer('bench_reps', 5, 'benchmark: timed repetitions.',
+                               lower_bound=1)
 _B_KINDS = flags.DEFINE_list('bench_kinds', ['encoder', 'greedy', 'beam4', 'train'],
                              'benchmark: what to time.')
 _B_IMPLS = flags.DEFINE_list(
@@ -74,14 +83,27 @@ _B_IMPLS = flags.DEFINE_list(
     "compile or run gives an error row. Default: the config's decode values.")
 
 
-def _beam_sizes() -> list[int | None]:
+def _positive_ints(values: list[str], count: int | None = None) -> bool:
+  """Whether a list flag holds positive integers (exactly `count` if given)."""
   try:
-    sizes = [int(b) for b in _BEAM.value] or [None]
+    ints = [int(v) for v in values]
   except ValueError:
-    raise app.UsageError(f'--beam_size={",".join(_BEAM.value)}: expected integers')
-  if any(b is not None and b < 1 for b in sizes):
-    raise app.UsageError('--beam_size must be at least 1')
-  return sizes
+    return False
+  return all(i >= 1 for i in ints) and (count is None or len(ints) == count)
+
+
+for _name, _count in (('beam_size', None), ('bench_batch', None),
+                      ('bench_train_shape', 2)):
+  flags.register_validator(
+      _name, functools.partial(_positive_ints, count=_count),
+      f'--{_name} takes {"two" if _count else "a list of"} positive integers '
+      '(comma-separated)')
+flags.register_validator('alpha', lambda a: a is None or math.isfinite(a),
+                         '--alpha must be a finite number >= 0')
+
+
+def _beam_sizes() -> list[int | None]:
+  return [int(b) for b in _BEAM.value] or [None]
 
 
 def bleu_mode(workdir: str) -> list[dict]:
@@ -90,19 +112,43 @@ def bleu_mode(workdir: str) -> list[dict]:
   for item in _TEST_SETS.value:
     name, sep, spec = item.partition('=')
     if not (sep and name and spec):
-      raise app.UsageError(f'--test_sets item {item!r}: expected name=path_prefix')
+      raise errors.UserError(f'--test_sets item {item!r}: expected name=path_prefix')
     named.append((name, spec))
+  runs.check_bleu_file(workdir)  # Before decoding, not after.
   run = runs.restore(workdir, _STEP.value, _CONFIG.value)
   return runs.score_splits(run, named, _beam_sizes(), _ALPHA.value, _BATCH.value,
                            report=lambda line: print(line, flush=True))
 
 
+def _same_file(output: str) -> bool:
+  """Whether --output is the file --input names (or stdin reads), by inode."""
+  if not os.path.exists(output):
+    return False
+  if _INPUT.value != '-':
+    return os.path.samefile(_INPUT.value, output)
+  stdin, out = os.fstat(sys.stdin.fileno()), os.stat(output)
+  return (stdin.st_dev, stdin.st_ino) == (out.st_dev, out.st_ino)
+
+
 def translate_mode(workdir: str) -> None:
   """Translates lines of --input into --output, one output line per input line
-  (lines split at '\\n' only, as in training)."""
+  (lines split at '\\n' only, as in training).
+
+  Everything is checked (input, output folder, workdir, config, vocabulary,
+  checkpoint) before anything is written; --output is replaced only when
+  every line is translated (see `runs.translate_file`).
+  """
   beams = _beam_sizes()
   if len(beams) > 1:
-    raise app.UsageError('translate takes one --beam_size')
+    raise errors.UserError('translate takes one --beam_size')
+  to_stdout = _OUTPUT.value == '-'
+  if not to_stdout:
+    if _same_file(_OUTPUT.value):
+      raise errors.UserError(f'--output={_OUTPUT.value} is the input file: choose '
+                             'another --output (it would be overwritten)')
+    folder = os.path.dirname(_OUTPUT.value) or '.'
+    if not os.path.isdir(folder):
+      raise errors.UserError(f'--output={_OUTPUT.value}: no folder {folder}')
   if _INPUT.value == '-':
     raw = sys.stdin.buffer.read()
   else:
@@ -110,16 +156,14 @@ def translate_mode(workdir: str) -> None:
       raw = f.read()
   lines = data.split_lines(raw, 'stdin' if _INPUT.value == '-' else _INPUT.value,
                            _INVALID_UTF8.value)
-  to_stdout = _OUTPUT.value == '-'
-  out = sys.stdout if to_stdout else open(_OUTPUT.value, 'w', encoding='utf-8',
-                                          newline='\n')
-  try:
-    run = runs.restore(workdir, _STEP.value, _CONFIG.value)
-    runs.translate_lines(run, lines, out, 'stdout' if to_stdout else _OUTPUT.value,
-                         beams[0], _ALPHA.value, _BATCH.value, progress=not to_stdout)
-  finally:
-    if not to_stdout:
-      out.close()
+  run = runs.restore(workdir, _STEP.value, _CONFIG.value)
+  errors.check_stop()
+  if to_stdout:
+    runs.translate_lines(run, lines, sys.stdout, 'stdout', beams[0], _ALPHA.value,
+                         _BATCH.value)
+  else:
+    runs.translate_file(run, lines, _OUTPUT.value, beams[0], _ALPHA.value,
+                        _BATCH.value, progress=True)
 
 
 def _variant_configs() -> dict[str, ModelConfig]:
@@ -181,10 +225,13 @@ def main(argv):
     benchmark_mode()
   elif not _WORKDIR.value:
     raise app.UsageError(f'--mode={_MODE.value} needs --workdir')
-  elif _MODE.value == 'bleu':
-    bleu_mode(_WORKDIR.value)
   else:
-    translate_mode(_WORKDIR.value)
+    # Signals stop the work between batches, never inside a device computation.
+    with errors.stop_between_steps():
+      if _MODE.value == 'bleu':
+        bleu_mode(_WORKDIR.value)
+      else:
+        translate_mode(_WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -9,12 +9,18 @@ Every save records a CRC32 of each array (in the train checkpoint's
 and that the parameters are finite, and raises `CheckpointDamaged` otherwise.
 Resuming falls back to the newest intact train checkpoint and moves damaged
 ones to `<workdir>/checkpoints_damaged/`.
+
+Every save also records what the parameters mean (`run_record`: the
+vocabulary's fingerprint and the model config; the train checkpoint's `run`
+item, best.json's `run`). A restore with another vocabulary or architecture,
+or whose arrays have other shapes than saved, raises `RunMismatch`: the
+checkpoint is intact and stays where it is. Checkpoints saved before records
+existed are checked by their shapes alone.
 """
 
 import contextlib
 import datetime
 import fcntl
-import json
 import logging as logging_std
 import math
 import os
@@ -29,6 +35,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mqa_flax import files
 from mqa_flax.errors import UserError
 
 
@@ -38,6 +45,72 @@ class CheckpointDamaged(UserError):
   def __init__(self, message: str, step: int):
     super().__init__(message)
     self.step = step
+
+
+class RunMismatch(UserError):
+  """An intact checkpoint trained with another vocabulary or architecture."""
+
+
+def run_record(model: dict[str, Any], vocab_fingerprint: str,
+               vocab_size: int) -> dict[str, Any]:
+  """What a checkpoint's parameters mean: its vocabulary and its model config."""
+  return {'vocab': vocab_fingerprint, 'vocab_size': vocab_size, 'model': dict(model)}
+
+
+def check_record(saved: dict | None, current: dict | None, what: str, workdir: str,
+                 config_source: str) -> None:
+  """Raises RunMismatch if `current` (this run's `run_record`) differs from `saved`.
+
+  `config_source` names where the current model config comes from (the
+  command's --config, or the workdir's config.json). Nothing is checked
+  when either record is missing.
+  """
+  if saved is None or current is None:
+    return
+  if saved.get('vocab') != current['vocab']:
+    raise RunMismatch(
+        f'{os.path.join(workdir, "spm.model")} is not the vocabulary {what} was '
+        f'trained with (fingerprint {current["vocab"]}, {current["vocab_size"]} '
+        f'pieces; trained with {saved.get("vocab")}, {saved.get("vocab_size")} '
+        'pieces): put back the spm.model of that run, or use a new --workdir')
+  diffs = [f'model.{d.replace(" != ", " at training, now ")}'
+           for d in _diff(saved.get('model'), current['model'])]
+  if diffs:
+    raise RunMismatch(
+        f'{config_source} gives another architecture than {what} was trained '
+        f'with ({"; ".join(diffs)}): set the values it was trained with, or use '
+        'a new --workdir')
+
+
+def _saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]] | None:
+  """Global shapes of the arrays of an orbax pytree item, by path, or None if
+  unknown (an unreadable item: its restore then reports the damage)."""
+  if not os.path.isdir(item_dir):
+    return None
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  tree = getattr(meta, 'item_metadata', meta)
+  return {_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, 'shape')}
+
+
+def check_shapes(item_dir: str, abstract: Any, what: str, step: int) -> None:
+  """Raises RunMismatch if the arrays saved in `item_dir` have other shapes
+  than `abstract` (a vocabulary of another size, another architecture)."""
+  saved = _saved_shapes(item_dir)
+  if not saved:
+    return
+  bad = [f'{k}: saved {saved.get(k)}, now {tuple(x.shape)}'
+         for k, x in ((_key(p), x) for p, x in jax.tree_util.tree_leaves_with_path(abstract))
+         if saved.get(k) != tuple(x.shape)]
+  if bad:
+    raise RunMismatch(
+        f'{what} holds arrays of other shapes than this config and vocabulary '
+        f'build ({len(bad)} differ, first {bad[0]}); it is intact and was left '
+        'in place: put back the spm.model and config.json it was trained with, '
+        'or use a new --workdir')
 
 
 def _key(path) -> str:
@@ -96,18 +169,35 @@ class _QuietFailedReads(logging_std.Filter):
   def filter(self, record: logging_std.LogRecord) -> bool:
     message = record.getMessage()
     return not ('exception was never retrieved' in message
-                and 'tensorstore_spec' in message)
+                and ('tensorstore_spec' in message or 'No space left' in message
+                     or 'OSError(28' in message))
+
+
+def _quiet_async_failures() -> None:
+  """Keeps orbax's failed reads and writes (a damaged file, a full disk) to the
+  one error that reports them: the reads and writes still in flight finish
+  after orbax's event loop closed, each printing a traceback."""
+  if not getattr(sys.unraisablehook, 'quiet', False):
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+  if not getattr(sys.excepthook, 'quiet', False):
+    sys.excepthook = _quiet_closed_loop_excepthook(sys.excepthook)
+  asyncio_logger = logging_std.getLogger('asyncio')
+  if not any(isinstance(f, _QuietFailedReads) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietFailedReads())
+
+
+def _quiet_closed_loop_excepthook(hook):
+  """`hook` without tensorstore callbacks' 'Event loop is closed' tracebacks."""
+  def quiet(exc_type, exc_value, tb):
+    if not (exc_type is RuntimeError and str(exc_value) == 'Event loop is closed'):
+      hook(exc_type, exc_value, tb)
+  quiet.quiet = True
+  return quiet
 
 
 def _read(what: str, step: int, fn, *args, **kwargs) -> Any:
   """`fn(*args, **kwargs)`, with any failure to read reported as CheckpointDamaged."""
-  # After a failed read, the reads still in flight finish after orbax's event
-  # loop closed, each printing a traceback that would bury the error.
-  if not getattr(sys.unraisablehook, 'quiet', False):
-    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
-  asyncio_logger = logging_std.getLogger('asyncio')
-  if not any(isinstance(f, _QuietFailedReads) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_QuietFailedReads())
+  _quiet_async_failures()
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
@@ -137,8 +227,9 @@ def check_same_architecture(workdir: str, config: dict[str, Any]) -> None:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = files.read_json(path, 'restore it from a copy of the run (or remove it: '
+                        'training writes it again, and its checkpoints record '
+                        'their vocabulary and architecture)')
   keep = lambda c: {'model': c.get('model'),
                     'data': {k: c.get('data', {}).get(k) for k in (
                         'source', 'tfds_name', 'train_split', 'src_lang',
@@ -184,10 +275,20 @@ def workdir_lock(workdir: str, enabled: bool = True):
 
 
 class Checkpointer:
-  """Saves and restores {'state': train state, 'data': iterator position}."""
+  """Saves and restores {'state': train state, 'data': iterator position}.
 
-  def __init__(self, workdir: str, keep: int):
+  `record` (a `run_record`) is saved with every checkpoint and compared with
+  the one each restored checkpoint holds; `config_source` names where its
+  model config comes from in a mismatch's message.
+  """
+
+  def __init__(self, workdir: str, keep: int, record: dict | None = None,
+               config_source: str = '--config'):
     # Orbax coordinates the writes of several processes itself.
+    _quiet_async_failures()
+    self.workdir = workdir
+    self.record = record
+    self.config_source = config_source
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -200,23 +301,37 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_states: list[dict[str, int]],
            force: bool = False) -> None:
     """Starts an asynchronous save of `state` and each process's data position."""
+    extra = {} if self.record is None else {'run': ocp.args.JsonSave(self.record)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_states),
-        fingerprint=ocp.args.JsonSave(fingerprint(state))), force=force)
+        fingerprint=ocp.args.JsonSave(fingerprint(state)), **extra), force=force)
 
-  def _fingerprint(self, step: int) -> dict[str, str] | None:
-    """The checksums saved with `step` (None for checkpoints saved without)."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), 'fingerprint')):
+  def _json_item(self, step: int, name: str) -> Any:
+    """A JSON item saved with `step` (None for checkpoints saved without)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), name)):
       return None
     return self.manager.restore(step, args=ocp.args.Composite(
-        fingerprint=ocp.args.JsonRestore()))['fingerprint']
+        **{name: ocp.args.JsonRestore()}))[name]
 
-  def _restore(self, step: int | None, **items: Any) -> dict[str, Any]:
-    """Restores `items` (orbax restore args) of a step, verified against its checksums."""
+  def check_record(self, step: int) -> None:
+    """Raises RunMismatch if `step` was trained with another vocabulary or
+    architecture than `record`; CheckpointDamaged if its record is unreadable."""
+    what = f'checkpoint step {step} in {self.directory}'
+    saved = _read(what, step, self._json_item, step, 'run')
+    if saved is None and self.record is not None:
+      logging.warning('%s records no vocabulary or architecture (saved by older '
+                      'code): only its array shapes are checked', what)
+    check_record(saved, self.record, what, self.workdir, self.config_source)
+
+  def _restore(self, step: int | None, abstract: Any, **items: Any) -> dict[str, Any]:
+    """Restores `items` (orbax restore args) of a step, checked against its run
+    record and shapes (`abstract`, the 'state' item's), then its checksums."""
     step = self.manager.latest_step() if step is None else step
     what = f'checkpoint step {step} in {self.directory}'
-    expected = _read(what, step, self._fingerprint, step)
+    self.check_record(step)
+    check_shapes(os.path.join(self.directory, str(step), 'state'), abstract, what, step)
+    expected = _read(what, step, self._json_item, step, 'fingerprint')
     restored = _read(what, step, self.manager.restore, step,
                      args=ocp.args.Composite(**items))
     verify(restored['state'], expected, what, step)
@@ -225,7 +340,8 @@ class Checkpointer:
   def restore(self, abstract_state: Any,
               step: int | None = None) -> tuple[Any, list[dict[str, int]]]:
     """Restores the latest (or given) step into `abstract_state`'s structure."""
-    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+    restored = self._restore(step, abstract_state,
+                             state=ocp.args.StandardRestore(abstract_state),
                              data=ocp.args.JsonRestore())
     return restored['state'], restored['data']
 
@@ -233,7 +349,9 @@ class Checkpointer:
     """The newest checkpoint that reads back intact, or None if none was saved.
 
     Damaged checkpoints are named in a warning and moved to
-    `<workdir>/checkpoints_damaged/`, so that training can save those steps again.
+    `<workdir>/checkpoints_damaged/`, so that training can save those steps
+    again. One of another vocabulary or architecture raises RunMismatch and
+    nothing is moved.
     """
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -269,7 +387,7 @@ class Checkpointer:
     A Checkpointer restores either whole states or parameters alone: orbax
     keeps the first way it read the 'state' item.
     """
-    restored = self._restore(step, state=ocp.args.PyTreeRestore(
+    restored = self._restore(step, {'params': abstract_params}, state=ocp.args.PyTreeRestore(
         {'params': abstract_params},
         restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
                                   {'params': abstract_params}),
@@ -285,7 +403,8 @@ class Checkpointer:
 class BestParams:
   """Keeps the parameters of the step with the lowest dev ln(PPL) in `<workdir>/best`."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, record: dict | None = None):
+    self.run_record = record  # Saved in best.json: what the parameters mean.
     self.directory = os.path.abspath(os.path.join(workdir, 'best'))
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
@@ -302,11 +421,10 @@ class BestParams:
     self.manager.wait_until_finished()  # best.json never names an unfinished save.
     self.record = {'step': step, 'dev_ln_ppl': dev_ln_ppl,
                    'fingerprint': fingerprint(params)}
+    if self.run_record is not None:
+      self.record['run'] = self.run_record
     if jax.process_index() == 0:  # One writer; orbax saved every process's share.
-      tmp = os.path.join(self.directory, 'best.json.tmp')
-      with open(tmp, 'w') as f:
-        json.dump(self.record, f)
-      os.replace(tmp, os.path.join(self.directory, 'best.json'))
+      files.write_json(os.path.join(self.directory, 'best.json'), self.record, None)
     return True
 
   def close(self) -> None:
@@ -316,20 +434,29 @@ class BestParams:
 
 
 def read_best(workdir: str) -> dict | None:
-  """`{'step', 'dev_ln_ppl'}` of the best parameters saved in `workdir`, or None."""
+  """`{'step', 'dev_ln_ppl', 'fingerprint', 'run'}` of the best parameters
+  saved in `workdir`, or None."""
   path = os.path.join(workdir, 'best', 'best.json')
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path, 'restore it from a copy of the run (meanwhile '
+                         'decode.py --step=STEP decodes a train checkpoint)')
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int,
-                   expected: dict[str, str] | None = None) -> Any:
-  """Restores the best parameters saved at `step`, checked against `expected`."""
+                   expected: dict[str, str] | None = None,
+                   saved_record: dict | None = None, record: dict | None = None,
+                   config_source: str = '--config') -> Any:
+  """Restores the best parameters saved at `step`, checked against `expected`
+  checksums, and `record` (this run's `run_record`) against `saved_record`."""
   directory = os.path.abspath(os.path.join(workdir, 'best'))
-  manager = ocp.CheckpointManager(directory)
   what = f'best parameters (step {step}) in {directory}'
+  if saved_record is None and record is not None:
+    logging.warning('%s records no vocabulary or architecture (saved by older '
+                    'code): only its array shapes are checked', what)
+  check_record(saved_record, record, what, workdir, config_source)
+  check_shapes(os.path.join(directory, str(step), 'default'), abstract_params, what, step)
+  manager = ocp.CheckpointManager(directory)
   try:
     params = _read(what, step, manager.restore, step,
                    args=ocp.args.StandardRestore(abstract_params))

@@ -9,6 +9,7 @@ must be on the import path: it is when a command runs from there.
 
 import dataclasses
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -163,3 +164,43 @@ def set_values(config: ml_collections.ConfigDict,
       node = node[p]
     node[leaf] = value
   return config
+
+
+# (dotted key, lowest allowed value); keys missing from an older config.json
+# are skipped.
+_RANGES = (
+    ('data.batch_size', 1), ('data.eval_batch_size', 1),
+    ('data.max_len', 2), ('data.max_eval_len', 2),
+    ('data.vocab_size', 4), ('data.spm_max_sentences', 1),
+    ('data.numbers_train_size', 1), ('data.numbers_eval_size', 1),
+    ('data.prefetch', 1), ('model.num_encoder_layers', 1),
+    ('model.num_decoder_layers', 1), ('model.dropout_rate', 0),
+    ('num_train_steps', 0), ('num_epochs', 0), ('log_every', 0),
+    ('eval_every', 0), ('bleu_every', 0), ('checkpoint_every', 0),
+    ('keep_checkpoints', 1),
+    ('opt.warmup_steps', 0), ('opt.warmup_fraction', 0),
+    ('opt.label_smoothing', 0), ('opt.grad_clip', 0),
+    ('opt.weight_decay', 0), ('decode.beam_size', 1),
+    ('decode.alpha', 0), ('decode.max_len_a', 0),
+    ('decode.max_len_b', 1))
+_BELOW_ONE = ('model.dropout_rate', 'opt.label_smoothing')
+
+
+def check_ranges(config: ml_collections.ConfigDict, source: str = '--config') -> None:
+  """Raises UserError naming the first number of `config` out of its range.
+
+  `source` names where the values come from in the message (the flags, or a
+  workdir's config.json).
+  """
+  for key, low in _RANGES:
+    node = config
+    for part in key.split('.'):
+      node = node.get(part) if hasattr(node, 'get') else None
+    if node is None or isinstance(node, bool):
+      continue
+    below_one = key in _BELOW_ONE
+    if not (isinstance(node, (int, float)) and math.isfinite(node) and node >= low
+            and (not below_one or node < 1)):
+      wanted = f'>= {low}' + (' and < 1' if below_one else '')
+      raise UserError(f'{key}={node!r} is out of range: it must be {wanted} '
+                      f'(fix {source})')

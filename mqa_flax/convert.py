@@ -35,6 +35,7 @@ from flax import nnx
 
 from mqa_flax import checkpoint as ckpt_lib
 from mqa_flax import errors
+from mqa_flax import files
 from mqa_flax import runs
 from mqa_flax import state as state_lib
 from mqa_flax.config import KV_SCOPES, ModelConfig, check_heads
@@ -94,16 +95,17 @@ def convert(src_workdir: str, dst_workdir: str, num_kv_heads: int) -> str:
   if os.path.isdir(os.path.join(src_workdir, 'data')):
     shutil.copytree(os.path.join(src_workdir, 'data'),
                     os.path.join(dst_workdir, 'data'))
-  with open(os.path.join(dst_workdir, 'config.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2)
-  with open(os.path.join(dst_workdir, 'converted_from.json'), 'w') as f:
-    json.dump({'workdir': os.path.abspath(src_workdir), 'step': run.step,
-               'num_kv_heads': k_src}, f, indent=1)
+  files.write_json(os.path.join(dst_workdir, 'config.json'), config.to_dict(), 2)
+  files.write_json(os.path.join(dst_workdir, 'converted_from.json'),
+                   {'workdir': os.path.abspath(src_workdir), 'step': run.step,
+                    'num_kv_heads': k_src})
   # On the host: saving one copy is faster than gathering device replicas.
   tx = state_lib.make_optimizer(config.opt, config.num_train_steps)
   state = jax.device_get(
       state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
-  ckpt = ckpt_lib.Checkpointer(dst_workdir, config.keep_checkpoints)
+  record = ckpt_lib.run_record(config.model.to_dict(), run.tokenizer.fingerprint,
+                               run.tokenizer.vocab_size)
+  ckpt = ckpt_lib.Checkpointer(dst_workdir, config.keep_checkpoints, record)
   ckpt.save(0, state, [{'epoch': 0, 'cursor': 0}], force=True)
   ckpt.close()
   logging.info('wrote %s (%s, K=%d) from %s at step %d', dst_workdir,

@@ -23,12 +23,14 @@ import queue
 import re
 import threading
 import time
+import zipfile
 from typing import Any
 
 from absl import logging
 import ml_collections
 import numpy as np
 
+from mqa_flax import files
 from mqa_flax import number_words
 from mqa_flax import tokenizer as tokenizer_lib
 from mqa_flax.errors import UserError
@@ -281,11 +283,16 @@ def tokenize_split(cfg: ml_collections.ConfigDict, split: str,
   safe = re.sub(r'[^A-Za-z0-9._-]+', '_', split)[:80]
   path = os.path.join(workdir, 'data', f'{safe}.npz')
   if os.path.exists(path):
-    with np.load(path) as cached:
-      if str(cached['fingerprint']) == fingerprint:
-        logging.info('read tokenized split %r from %s', split, path)
-        return Examples(*(cached[k] for k in _ARRAYS), int(cached['num_truncated']))
-    logging.info('%s is stale (config or vocabulary changed); tokenizing again', path)
+    try:
+      with np.load(path) as cached:
+        if str(cached['fingerprint']) == fingerprint:
+          logging.info('read tokenized split %r from %s', split, path)
+          return Examples(*(cached[k] for k in _ARRAYS), int(cached['num_truncated']))
+      logging.info('%s is stale (config or vocabulary changed); tokenizing again', path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      # A cache: what it held is rebuilt from the data and the vocabulary.
+      logging.warning('%s cannot be read (%s: %s); tokenizing %r again', path,
+                      type(e).__name__, str(e).splitlines()[0] if str(e) else '', split)
   src, tgt = read_split(cfg, split)
   if not src:
     raise UserError(f'split {split!r} has no sentence pairs')
@@ -306,13 +313,10 @@ def tokenize_split(cfg: ml_collections.ConfigDict, split: str,
   examples = Examples(*flat, num_truncated=int(cut.sum()))
   logging.info('tokenized split %r: %d pairs, %d truncated to %d tokens',
                split, len(examples), examples.num_truncated, max_len)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp_path = f'{path}.tmp{os.getpid()}'
-  with open(tmp_path, 'wb') as f:
+  with files.atomic_write(path, 'wb') as f:
     np.savez(f, fingerprint=np.array(fingerprint),
              num_truncated=np.array(examples.num_truncated),
              **{k: getattr(examples, k) for k in _ARRAYS})
-  os.replace(tmp_path, path)
   return examples
 
 

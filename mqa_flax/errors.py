@@ -6,15 +6,18 @@ the problem and the fix, with exit code 2 and no traceback; programming
 errors keep their traceback. `MQA_FLAX_DEBUG=1` shows tracebacks for all.
 
 Exit codes: 0 done; 1 a programming error (traceback) or absl usage error;
-2 a user error; 3 stopped early by SIGTERM/SIGINT, with a checkpoint saved
-(rerun the same command to resume).
+2 a user error (a full disk included); 3 stopped early by SIGTERM/SIGINT, with
+a checkpoint saved (rerun the same command to resume) or, when decoding, the
+finished work kept.
 """
 
+import contextlib
+import errno
 import functools
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -41,6 +44,25 @@ CONFIGS_NOT_IMPORTABLE = ('imports the configs/ folder, which is not on the impo
 def debug() -> bool:
   """Whether MQA_FLAX_DEBUG asks for tracebacks."""
   return os.environ.get('MQA_FLAX_DEBUG', '') not in ('', '0')
+
+
+def disk_full(e: BaseException) -> str | None:
+  """The first line saying that a disk (or quota) is full in `e` or its causes, or None.
+
+  Orbax and tensorstore report a full disk as their own errors (a ValueError
+  'RESOURCE_EXHAUSTED ... No space left on device'), raised from other threads.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return one_line(e)
+    for line in str(e).splitlines():
+      if 'No space left on device' in line or 'Disk quota exceeded' in line:
+        line = ' '.join(line.split())
+        return line if len(line) <= 400 else '...' + line[-400:]  # The reason ends it.
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def one_line(e: BaseException) -> str:
@@ -82,6 +104,38 @@ def _raise_stopped(signum, frame):
   raise Stopped(f'stopped by signal {signum}')
 
 
+_stop_signal: list[int] = []  # Signals received inside `stop_between_steps`.
+
+
+def _note_stop(signum, frame):
+  del frame
+  _stop_signal.append(signum)
+
+
+@contextlib.contextmanager
+def stop_between_steps() -> Iterator[None]:
+  """Turns SIGTERM/SIGINT into a request that `check_stop` acts on.
+
+  Work in the block calls `check_stop()` between units of work (batches), so
+  a signal never interrupts a device computation: the current one finishes,
+  `Stopped` unwinds the stack normally, and what was started is released in
+  order. Signals after the first are ignored until the process ends.
+  """
+  _stop_signal.clear()
+  old = {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, handler in old.items():  # Once stopping, repeats change nothing.
+      signal.signal(s, signal.SIG_IGN if _stop_signal else handler)
+
+
+def check_stop(done: str = '') -> None:
+  """Raises `Stopped` if a signal arrived inside `stop_between_steps`."""
+  if _stop_signal:
+    raise Stopped(f'stopped by signal {_stop_signal[0]}' + (f' {done}' if done else ''))
+
+
 def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   """Wraps an absl `main` so that user errors and signals end in one line."""
 
@@ -93,12 +147,19 @@ def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     except USER_ERRORS as e:
       if debug():
         raise
-      fail(one_line(e))
+      full = disk_full(e)
+      fail(f'{full}: free space and rerun the same command' if full else one_line(e))
     except (Stopped, KeyboardInterrupt) as e:
       if debug():
         raise
       logging.flush()
       fail(one_line(e) or 'interrupted', EXIT_STOPPED, prefix='')
+    except Exception as e:  # pylint: disable=broad-except
+      full = disk_full(e)
+      if full is None or debug():
+        raise
+      fail(f'no space left on device ({full}): free space and rerun the same '
+           'command (finished checkpoints and files are kept)')
 
   return wrapped
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from mqa_flax import data
 from mqa_flax import decoding
+from mqa_flax import errors
 from mqa_flax.tokenizer import Tokenizer
 
 
@@ -73,7 +74,11 @@ def translate(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer,
               alpha: float, max_len_a: float, max_len_b: int,
               max_src_len: int, overlong: str = 'truncate',
               progress: bool = False) -> list[str]:
-  """Translates sentences in batches of similar length; empty lines stay empty."""
+  """Translates sentences in batches of similar length; empty lines stay empty.
+
+  Inside `errors.stop_between_steps`, a signal stops it between batches
+  (`errors.Stopped`).
+  """
   if max_len_a < 0 or max_len_b < 1:
     raise ValueError(
         f'decode.max_len_a={max_len_a}, decode.max_len_b={max_len_b}: the output '
@@ -92,6 +97,7 @@ def translate(graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Tokenizer,
   starts = range(0, len(order), batch_size)
   start_time = time.time()
   for start in tqdm(starts, desc='translating', disable=not progress):
+    errors.check_stop()  # Between batches, never inside a device computation.
     chunk = order[start:start + batch_size]
     width = data.bucket_width(max(len(ids[i]) for i in chunk))
     inputs = np.zeros((batch_size, width), np.int32)

@@ -27,6 +27,8 @@ import jax
 import tensorboardX
 from tensorboardX import summary as tbx_summary
 
+from mqa_flax import files
+
 METRICS_FILE = 'metrics.jsonl'
 # One line per training start or resume: `provenance()`, start step, devices.
 LAUNCHES_FILE = 'launches.jsonl'
@@ -133,13 +135,13 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 def jsonl_appender(path: str, **fields: Any) -> Callable[[Mapping[str, Any]], None]:
   """A function appending one row (plus `fields`) to the JSON-lines file
-  `path`, flushed at once, so that a stopped run keeps every finished row."""
+  `path`, flushed to disk at once, so that a stopped run keeps every finished
+  row. A last line cut short by a crash or a full disk is removed first."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  _drop_partial_last_line(path)
 
   def append(row: Mapping[str, Any]) -> None:
-    with open(path, 'a') as f:
-      f.write(json.dumps(dict(row, **fields)) + '\n')
-      f.flush()
+    files.append_line(path, json.dumps(dict(row, **fields)))
   return append
 
 

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 from mqa_flax import errors
+from mqa_flax import files
 from mqa_flax import metrics
 from mqa_flax import plots
 from mqa_flax import tables
@@ -57,7 +58,9 @@ def write_report(paths: Sequence[str], out: str, command: str | None = None) -> 
       _remove_stale(path)
       figures.append(f'{fname}: skipped ({why}).\n')
     else:
-      fig.savefig(path, dpi=120, metadata={'Description': made + '\n' + sources})
+      with files.atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=120,
+                    metadata={'Description': made + '\n' + sources})
       figures.append(f'![{fname}]({fname})\n')
   run_rows = [[f'`{r.path}`', r.variant if r.config else 'benchmark only',
                (r.config or {}).get('seed', tables.DASH), len(r.metrics),
@@ -73,8 +76,7 @@ def write_report(paths: Sequence[str], out: str, command: str | None = None) -> 
     if text is None:
       _remove_stale(path)
       continue
-    with open(path, 'w') as f:
-      f.write(text)
+    files.write_text(path, text)
   return out
 
 
@@ -121,8 +123,7 @@ def write_benchmark(rows: Sequence[dict], out_dir: str) -> str:
         [[r.get('variant'), r['kind'], r['cache'] or tables.DASH,
           tables.impl_label(r), r['error'].splitlines()[0][:200]]
          for r in failed])
-  with open(os.path.join(out_dir, 'table2.md'), 'w') as f:
-    f.write(text)
+  files.write_text(os.path.join(out_dir, 'table2.md'), text)
   many = len({tables.impl_label(r) for r in good}) > 1
   writer = metrics.MetricWriter(out_dir)
   writer.write_scalars(0, {

@@ -3,12 +3,12 @@
 from collections.abc import Iterable, Sequence
 import hashlib
 import io
-import os
 import re
 
 import numpy as np
 import sentencepiece as spm
 
+from mqa_flax import files
 from mqa_flax.errors import UserError
 
 PAD_ID = 0
@@ -22,7 +22,13 @@ class Tokenizer:
   def __init__(self, model_path: str):
     with open(model_path, 'rb') as f:
       self._proto = f.read()
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    except (RuntimeError, OSError) as e:
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise UserError(f'{model_path} ({len(self._proto)} bytes) is not a readable '
+                      f'sentencepiece model ({first}): put back the spm.model the '
+                      'run was trained with') from None
     ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
     if ids != (PAD_ID, EOS_ID, UNK_ID, -1):
       raise ValueError(f'{model_path}: (pad, eos, unk, bos) ids are {ids}, '
@@ -84,10 +90,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str,
         minloglevel=2)
   except RuntimeError as e:
     raise _vocab_error(e, vocab_size) from e
-  tmp_path = f'{model_path}.tmp{os.getpid()}'
-  with open(tmp_path, 'wb') as f:
+  with files.atomic_write(model_path, 'wb') as f:  # Never seen half-written.
     f.write(model.getvalue())
-  os.replace(tmp_path, model_path)  # Other processes never see a partial file.
   return Tokenizer(model_path)
 
 

@@ -12,7 +12,6 @@ logs, evaluates, scores BLEU or saves.
 """
 
 import functools
-import json
 import math
 import os
 import signal
@@ -30,11 +29,12 @@ from mqa_flax import bleu as bleu_lib
 from mqa_flax import checkpoint as ckpt_lib
 from mqa_flax import costs
 from mqa_flax import data
+from mqa_flax import files
 from mqa_flax import inference
 from mqa_flax import metrics as metrics_lib
 from mqa_flax import state as state_lib
 from mqa_flax import steps
-from mqa_flax.config import ModelConfig
+from mqa_flax.config import ModelConfig, check_ranges
 from mqa_flax.errors import Stopped, UserError
 
 
@@ -188,6 +188,7 @@ class Trainer:
   def check_config(self) -> None:
     """Refuses bad settings before any work (the vocabulary takes minutes)."""
     c = self.config
+    check_ranges(c)
     ckpt_lib.check_same_architecture(self.workdir, c.to_dict())
     ModelConfig.from_config(c.model, c.data.vocab_size)
     longest = max(c.data.max_len, c.data.max_eval_len)
@@ -201,6 +202,14 @@ class Trainer:
     c = self.config
     self.tokenizer = data.get_tokenizer(c.data, self.workdir, is_primary=self.primary)
     self.cfg = ModelConfig.from_config(c.model, self.tokenizer.vocab_size)
+    self.record = ckpt_lib.run_record(c.model.to_dict(), self.tokenizer.fingerprint,
+                                      self.tokenizer.vocab_size)
+    self.ckpt = ckpt_lib.Checkpointer(self.workdir, c.keep_checkpoints, self.record)
+    for step in sorted(self.ckpt.manager.all_steps(), reverse=True):  # Before any work.
+      try:
+        self.ckpt.check_record(step)
+      except ckpt_lib.CheckpointDamaged:
+        pass  # Set aside when restoring.
     train = data.tokenize_split(c.data, c.data.train_split, self.tokenizer, self.workdir)
     self.dev = data.tokenize_split(c.data, c.data.dev_split, self.tokenizer, self.workdir)
     self.dev_text = data.read_split(c.data, c.data.dev_split) if c.bleu_every else None
@@ -220,10 +229,9 @@ class Trainer:
     if not self.primary:
       return
     c = self.config
-    with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-      json.dump(c.to_dict(), f, indent=2)
-    with open(os.path.join(self.workdir, 'summary.json'), 'w') as f:
-      json.dump(costs.analyze(self.cfg, 1, c.data.max_len, c.data.max_len), f, indent=1)
+    files.write_json(os.path.join(self.workdir, 'config.json'), c.to_dict(), 2)
+    files.write_json(os.path.join(self.workdir, 'summary.json'),
+                     costs.analyze(self.cfg, 1, c.data.max_len, c.data.max_len))
 
   def build_state(self) -> None:
     """A fresh train state, then the newest intact checkpoint over it."""
@@ -234,8 +242,7 @@ class Trainer:
                                                        self.mesh)
     logging.info('model: %s, %d parameters on %d devices', self.cfg,
                  costs.param_count(self.cfg), jax.device_count())
-    self.ckpt = ckpt_lib.Checkpointer(self.workdir, c.keep_checkpoints)
-    self.best = ckpt_lib.BestParams(self.workdir)
+    self.best = ckpt_lib.BestParams(self.workdir, self.record)
     restored = self.ckpt.restore_intact(self.state)  # Damaged: the one before.
     if restored is not None:
       self.state, data_states = restored
@@ -261,8 +268,8 @@ class Trainer:
     """Everything before the first step."""
     self.check_config()
     self.load_data()
-    self.write_run_files()
     self.build_state()
+    self.write_run_files()  # Once the checkpoints are known to match.
     self.compile_steps()
 
   def run(self) -> state_lib.TrainState:

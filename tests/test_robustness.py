@@ -1,13 +1,17 @@
 """Nothing lost, nothing silent: damaged checkpoints, a busy workdir, bad input
 text, user errors in one line with documented exit codes."""
 
+import errno
 import fcntl
 import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 
 import pytest
@@ -19,6 +23,7 @@ from mqa_flax import errors
 from mqa_flax import metrics
 from mqa_flax import runs
 from mqa_flax import state as state_lib
+from mqa_flax import tokenizer as tokenizer_lib
 from mqa_flax import train_lib
 from mqa_flax.config import ModelConfig, set_values
 
@@ -324,11 +329,334 @@ def test_stopped_translation_keeps_the_finished_lines(trained, tmp_path, monkeyp
       raise KeyboardInterrupt  # Ctrl-C (SIGTERM raises errors.Stopped the same way).
     return [f'out {i}' for i in range(len(lines))]
 
+  out.write_text('an earlier translation\n')
   monkeypatch.setattr(runs, 'TRANSLATE_BLOCK', 2)
   monkeypatch.setattr(runs.Run, 'translate', translate_then_stop)
   try:
-    with pytest.raises(errors.Stopped, match='after translating 2 of 3 lines'):
+    with pytest.raises(errors.Stopped, match=r'after translating 2 of 3 lines; .*'
+                       r'out\.de\.partial \(.*out\.de was not changed\) holds those 2'):
       decode.translate_mode(trained)
   finally:
     flags.FLAGS.unparse_flags()
-  assert out.read_text() == 'out 0\nout 1\n'
+  assert (tmp_path / 'out.de.partial').read_text() == 'out 0\nout 1\n'
+  assert out.read_text() == 'an earlier translation\n'
+
+
+# Decoding loses nothing: its output, bleu.json, and the files of a run
+# (spm.model, config.json, checkpoints) are checked against each other.
+
+
+def _translate_mode(workdir, *extra):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import decode  # pylint: disable=g-import-not-at-top
+  flags.FLAGS(['decode', f'--workdir={workdir}', '--mode=translate', '--beam_size=1',
+               *extra])
+  try:
+    decode.translate_mode(workdir)
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_translate_refuses_its_input_as_output(trained, tmp_path):
+  src = tmp_path / 'in.en'
+  text = b'I have three apples.\nWe need two books.\n'
+  src.write_bytes(text)
+  os.link(src, tmp_path / 'link.en')  # The same file under another name.
+  out = _run('decode.py', f'--workdir={trained}', '--mode=translate',
+             f'--input={src}', f'--output={tmp_path}/link.en')
+  _one_error_line(out, 'is the input file', 'another --output')
+  with open(src, 'rb') as stdin:  # decode.py --output=F < F
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'decode.py'),
+                          f'--workdir={trained}', '--mode=translate', f'--output={src}'],
+                         stdin=stdin, capture_output=True, timeout=120, cwd=ROOT, env=ENV)
+  _one_error_line(out, 'is the input file')
+  assert src.read_bytes() == text
+
+
+def test_a_bad_workdir_leaves_the_output_untouched(tmp_path):
+  src, dst = tmp_path / 'in.en', tmp_path / 'out.de'
+  src.write_text('I have three apples.\n')
+  dst.write_text('an earlier translation\n')
+  with pytest.raises(FileNotFoundError, match='holds no config.json'):
+    _translate_mode(str(tmp_path / 'mistyped'), f'--input={src}', f'--output={dst}')
+  assert dst.read_text() == 'an earlier translation\n'
+  assert sorted(os.listdir(tmp_path)) == ['in.en', 'out.de']
+
+
+def test_a_full_disk_while_translating_leaves_the_output(trained, tmp_path, monkeypatch):
+  src, dst = tmp_path / 'in.en', tmp_path / 'out.de'
+  src.write_text('I have three apples.\nWe need two books.\nThe number is seven.\n')
+  dst.write_text('an earlier translation\n')
+  calls = []
+
+  def translate_then_fail(run, lines, *args, **kwargs):
+    calls.append(lines)
+    if len(calls) > 1:
+      raise OSError(errno.ENOSPC, 'No space left on device', str(dst))
+    return [f'out {i}' for i in range(len(lines))]
+
+  monkeypatch.setattr(runs, 'TRANSLATE_BLOCK', 2)
+  monkeypatch.setattr(runs.Run, 'translate', translate_then_fail)
+  with pytest.raises(OSError, match='No space left'):
+    _translate_mode(trained, f'--input={src}', f'--output={dst}')
+  assert dst.read_text() == 'an earlier translation\n'
+  assert sorted(os.listdir(tmp_path)) == ['in.en', 'out.de']
+
+
+def _bleu_json(workdir):
+  return json.load(open(os.path.join(workdir, 'bleu.json')))
+
+
+def test_a_full_disk_never_damages_bleu_json(trained, tmp_path, monkeypatch):
+  workdir = _copy(trained, tmp_path)
+  run = runs.restore(workdir)
+  runs.score_split(run, 'test', 1, name='earlier')
+  dump = json.dump
+
+  def dump_then_fail(obj, f, *args, **kwargs):  # Half written, then a full disk.
+    f.write(json.dumps(obj)[:50])
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(json, 'dump', dump_then_fail)
+  lines = []
+  with pytest.raises(errors.UserError, match='printed but not recorded .*No space left'):
+    runs.score_splits(run, [(None, 'test')], [1], report=lines.append)
+  monkeypatch.setattr(json, 'dump', dump)
+  assert lines and lines[0].startswith('test greedy: BLEU')  # Printed all the same.
+  assert list(_bleu_json(workdir)) == ['earlier/greedy']
+  assert not [f for f in os.listdir(workdir) if '.tmp' in f]
+
+
+def test_concurrent_scorers_keep_both_entries(trained, tmp_path, monkeypatch):
+  workdir = _copy(trained, tmp_path)
+  run = runs.restore(workdir)
+  dump, first = json.dump, []
+
+  def slow_dump(obj, f, *args, **kwargs):  # The first writer is slow.
+    if not first:
+      first.append(1)
+      time.sleep(0.5)
+    return dump(obj, f, *args, **kwargs)
+
+  monkeypatch.setattr(json, 'dump', slow_dump)
+  entry = {'bleu_13a': 1.0}
+  results = []
+  threads = [threading.Thread(target=lambda n=n: results.append(
+      runs._record_score(run, n, 'greedy', ['x'], entry))) for n in ('a', 'b')]
+  for t in threads:
+    t.start()
+    time.sleep(0.1)
+  for t in threads:
+    t.join()
+  assert len(results) == 2  # Neither thread failed.
+  assert sorted(_bleu_json(workdir)) == ['a/greedy', 'b/greedy']
+
+
+def test_invalid_bleu_json_is_refused_before_decoding(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'bleu.json')
+  with open(path, 'w') as f:
+    f.write('{"test/greedy": {"bleu_13a": 1')  # Cut short.
+  out = _run('decode.py', f'--workdir={workdir}', '--mode=bleu', '--split=test',
+             '--beam_size=1')
+  _one_error_line(out, 'bleu.json is not valid JSON', 'move it aside')
+  assert open(path).read() == '{"test/greedy": {"bleu_13a": 1'
+
+
+def _other_vocabulary(workdir, size):
+  """Replaces the run's spm.model with one trained on other text, of `size` pieces."""
+  src, tgt = data.read_split(tiny_config().data, 'train')
+  path = os.path.join(workdir, 'spm.model')
+  old = tokenizer_lib.Tokenizer(path).fingerprint
+  new = tokenizer_lib.train_tokenizer(tgt[::3] + src[:40], size, path, 10_000)
+  assert new.fingerprint != old and new.vocab_size == size
+
+
+def test_decoding_refuses_a_swapped_vocabulary(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  _other_vocabulary(workdir, 64)  # The same size: the arrays would fit.
+  for step in (None, 20):
+    with pytest.raises(errors.UserError, match=r'spm\.model is not the vocabulary '
+                       r'.*trained with .*put back'):
+      runs.restore(workdir, step=step)
+
+
+@pytest.mark.parametrize('size', [64, 80])
+def test_resuming_refuses_a_swapped_vocabulary_and_moves_nothing(trained, tmp_path, size):
+  workdir = _copy(trained, tmp_path)
+  _other_vocabulary(workdir, size)
+  out = _train(workdir, '--config.num_train_steps=60')
+  _one_error_line(out, 'spm.model is not the vocabulary', 'step 40')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_damaged'))
+
+
+def _forget_records(workdir):
+  """Makes the run look saved by older code: no vocabulary or architecture records."""
+  for step in ('20', '40'):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', step, 'run'))
+  path = os.path.join(workdir, 'best', 'best.json')
+  record = json.load(open(path))
+  del record['run']
+  json.dump(record, open(path, 'w'))
+
+
+@pytest.mark.parametrize('records', [True, False])
+def test_another_architecture_without_config_json_is_not_damage(trained, tmp_path, records):
+  workdir = _copy(trained, tmp_path)
+  os.remove(os.path.join(workdir, 'config.json'))
+  if not records:
+    _forget_records(workdir)
+  out = _train(workdir, '--config.num_train_steps=60', '--config.model.d_ff=48')
+  line = _one_error_line(out, 'step 40', 'new --workdir')
+  assert ('d_ff' in line) if records else ('other shapes' in line), line
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_damaged'))
+
+
+def test_old_checkpoints_without_records_still_decode(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  _forget_records(workdir)
+  assert runs.restore(workdir).step == 40 and runs.restore(workdir, 20).step == 20
+
+
+def test_decoding_refuses_an_edited_config_json(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  config = json.load(open(path))
+  config['model']['local_window'] = 2  # Same shapes, other translations.
+  json.dump(config, open(path, 'w'))
+  for step in (None, 20):
+    with pytest.raises(errors.UserError, match=r'config\.json gives another '
+                       r'architecture .*model\.local_window: 0 at training, now 2'):
+      runs.restore(workdir, step=step)
+
+
+@pytest.mark.parametrize('script', ['decode.py', 'train.py'])
+def test_truncated_config_json_is_one_line(trained, tmp_path, script):
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  os.truncate(path, os.path.getsize(path) // 2)
+  if script == 'decode.py':
+    out = _run('decode.py', f'--workdir={workdir}', '--mode=translate', stdin=b'x\n')
+  else:
+    out = _train(workdir)
+  _one_error_line(out, 'config.json is not valid JSON', 'restore it')
+
+
+def test_truncated_vocabulary_is_one_line(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'spm.model')
+  os.truncate(path, os.path.getsize(path) // 3)
+  out = _run('decode.py', f'--workdir={workdir}', '--mode=translate', stdin=b'x\n')
+  _one_error_line(out, 'spm.model', 'not a readable sentencepiece model')
+
+
+def test_damaged_cached_split_is_tokenized_again(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  cfg = tiny_config().data
+  tok = tokenizer_lib.Tokenizer(os.path.join(workdir, 'spm.model'))
+  path = os.path.join(workdir, 'data', 'dev.npz')
+  good = data.tokenize_split(cfg, cfg.dev_split, tok, workdir)
+  os.truncate(path, os.path.getsize(path) // 2)
+  again = data.tokenize_split(cfg, cfg.dev_split, tok, workdir)
+  assert (again.src_tokens == good.src_tokens).all() and len(again) == len(good)
+  assert data.tokenize_split(cfg, cfg.dev_split, tok, workdir).num_truncated == 0
+
+
+@pytest.mark.parametrize('flag', ['--batch_size=-3', '--beam_size=0', '--step=-1',
+                                  '--alpha=nan', '--bench_reps=0'])
+def test_out_of_range_decode_flags_are_one_line(trained, flag):
+  out = _run('decode.py', f'--workdir={trained}', '--mode=bleu', flag)
+  _one_error_line(out, flag.split('=')[0])
+  assert not os.path.exists(os.path.join(trained, 'bleu.json'))
+
+
+@pytest.mark.parametrize('flag,words', [
+    ('--config.data.batch_size=-3', ['data.batch_size=-3', '>= 1']),
+    ('--config.decode.beam_size=0', ['decode.beam_size=0']),
+    ('--config.checkpoint_every=-1', ['checkpoint_every=-1']),
+])
+def test_out_of_range_train_values_are_one_line(tmp_path, flag, words):
+  out = _run('train.py', '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
+             f'--workdir={tmp_path}/w', flag)
+  _one_error_line(out, *words)
+
+
+def test_a_full_disk_in_training_is_one_line(tmp_path, monkeypatch, capsys):
+  # Orbax reports a full disk from its writer thread as a ValueError.
+  def save_fails(self, step, *args, **kwargs):
+    raise ValueError(
+        f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local file '
+        f'"{tmp_path}/w/checkpoints/{step}.orbax-checkpoint-tmp": Failed to write 34328 '
+        "bytes to file 15: No space left on device [os_error_code='28']")
+  monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save_fails)
+  with pytest.raises(SystemExit) as e:
+    errors.guard(lambda argv: train_lib.train_and_evaluate(
+        tiny_config(num_train_steps=2, checkpoint_every=1), str(tmp_path / 'w')))([])
+  err = capsys.readouterr().err
+  assert e.value.code == errors.EXIT_USER_ERROR, err
+  assert err.count('\n') == 1 and 'No space left on device' in err
+  assert 'free space and rerun the same command' in err
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_repeated_signals_stop_a_decode_with_exit_3(trained, tmp_path, signum):
+  workdir = _copy(trained, tmp_path)
+  for attempt in range(2):
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'decode.py'), f'--workdir={workdir}',
+         '--mode=bleu', '--split=dev,test', '--beam_size=1,2', '--batch_size=1'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+    seen = b''
+    while b'translating' not in seen:  # Decoding has started.
+      chunk = proc.stderr.read1(4096)
+      assert chunk, seen.decode()[-3000:]
+      seen += chunk
+    time.sleep(0.2 * attempt)
+    for _ in range(3):
+      proc.send_signal(signum)
+      time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    err = (seen + err).decode()
+    assert proc.returncode == errors.EXIT_STOPPED, err[-3000:]
+    assert f'stopped by signal {int(signum)}' in err and 'Traceback' not in err
+  assert not os.path.exists(os.path.join(workdir, 'bleu.json'))
+
+
+def _can_mount_tmpfs():
+  return shutil.which('unshare') and subprocess.run(
+      ['unshare', '-Urm', 'sh', '-c', 'mount -t tmpfs -o size=1M tmpfs /mnt'],
+      capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason='needs unshare -Urm to mount a tmpfs')
+def test_a_real_full_disk_in_training_is_one_line_and_resumes(tmp_path):
+  # A 1.5 MB tmpfs fills while the second checkpoint is saved; then it grows.
+  mnt, workdir = tmp_path / 'mnt', tmp_path / 'mnt' / 'w'
+  mnt.mkdir()
+  train = ' '.join([sys.executable, os.path.join(ROOT, 'train.py'),
+                    '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
+                    f'--workdir={workdir}', '--config.num_train_steps=60',
+                    '--config.checkpoint_every=20'])
+  script = (f'mount -t tmpfs -o size=1500k tmpfs {mnt} && {{ {train} 2>{tmp_path}/full.err; '
+            f'echo $? > {tmp_path}/full.rc; mount -o remount,size=50m {mnt} && '
+            f'{train} 2>{tmp_path}/resumed.err; echo $? > {tmp_path}/resumed.rc; }}')
+  subprocess.run(['unshare', '-Urm', 'sh', '-c', script], cwd=ROOT, env=ENV, timeout=300)
+  err = (tmp_path / 'full.err').read_text()
+  lines = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert (tmp_path / 'full.rc').read_text().strip() == '2', err[-3000:]
+  assert len(lines) == 1 and 'No space left on device' in lines[0], err[-3000:]
+  assert 'Traceback' not in err and len(err.splitlines()) < 40, err[-3000:]
+  resumed = (tmp_path / 'resumed.err').read_text()
+  assert (tmp_path / 'resumed.rc').read_text().strip() == '0', resumed[-3000:]
+  assert 'resumed from step' in resumed or 'training 60 steps' in resumed
+
+
+def test_truncated_best_json_is_a_user_error(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'best', 'best.json')
+  os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(errors.UserError, match=r'best\.json is not valid JSON .*--step=STEP'):
+    runs.restore(workdir)
+  assert runs.restore(workdir, step=40).step == 40
