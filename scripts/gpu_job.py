@@ -332,21 +332,24 @@ def plan(args) -> int:
         for cc, at, unit, seconds, source in rows:
           if cc == c:
             print(f'  {at:5.0f} {seconds:6.0f}  {unit.id:22} {describe(unit, steps)}  [{source}]')
+        if not any(cc == c for cc, *_ in rows):
+          print('  nothing left that fits')
     else:
       print(f'window {w}: ' + '; '.join(
           f'{u.id} ({len(u.names)} side by side)' if u.kind == 'table1' else u.id
           for _, _, u, _, _ in rows[1:]))
     if w == 1 and len(windows) > 1:
       print('\nthen, by the same estimates:')
-  core = {n for s in range(3) for n in _runs(s)}
-  when = next((w for w in range(1, len(windows) + 1) if core <= finished_by(windows[:w])
-               | finished([args.results], kind, args.tiny)), None)
+  core, had = {n for s in range(3) for n in _runs(s)}, finished([args.results], kind, args.tiny)
+  when = next((w for w in range(1, len(windows) + 1)
+               if core <= finished_by(windows[:w]) | had), None)
   left_over = [u.id for u in todo_units(done, args.units, args.variants)]
   print(f'\nTable 1 core (mha, mqa, gqa2 x seeds 0, 1, 2): ' +
-        (f'complete after window {when}' if when else 'not complete in 8 windows') +
+        ('already in results/' if core <= had else f'complete after window {when}' if when
+         else 'not complete in 8 windows') +
         (f'; never fits a window: {", ".join(left_over)}' if left_over else '') +
         ('' if peers else '; no .peers/: the Flax WMT example is left out') + '.')
-  print(f'Steps per Table 1 run: {steps}' + ('' if args.steps else
+  print(f'Steps per Table 1 run: {steps}' + ('' if args.steps or args.tiny else
         ' (configs/multi30k.py: 40 epochs of 63 steps)') + '.')
   ok = print_carry()
   print('\nThe window, with the device tool (start command 2 within 30 s of command 1\'s '
@@ -424,7 +427,8 @@ def collect(src: str, results: str) -> int:
                           rel)] += 1
   logs = os.path.join(src, 'logs.tgz')
   if os.path.isfile(logs):
-    dest = os.path.join(ROOT, 'runs', 'collected', time.strftime('%Y%m%d-%H%M%S'))
+    dest = os.path.join(os.path.dirname(os.path.abspath(results)), 'runs', 'collected',
+                        time.strftime('%Y%m%d-%H%M%S'))
     with tarfile.open(logs) as tar:
       tar.extractall(dest, members=[m for m in tar.getmembers() if m.isfile()],
                      filter='data')
@@ -485,6 +489,7 @@ class Job:
 
   def __init__(self, args):
     self.args, self.tiny = args, args.tiny
+    os.chdir(ROOT)
     self.start = time.time()
     lengths = command_lengths(args.budget)
     if args.deadline is None and args.command > len(lengths):
@@ -493,7 +498,9 @@ class Job:
     self.end = self.start + (args.deadline if args.deadline is not None
                              else lengths[args.command - 1] - MARGIN_S)
     self.stop_lead = 8 if self.tiny else 25  # Trainings need this to checkpoint.
-    self.out, self.runs = args.out, args.runs
+    # Paths under the repository stay relative: they appear in the runs' commands.
+    rel = lambda p: os.path.relpath(p, ROOT) if os.path.abspath(p).startswith(ROOT + os.sep) else p
+    self.out, self.runs = args.out, rel(args.runs)
     self.stage = os.path.join(self.runs, 'results')
     self.work = os.path.join(self.runs, 'work')
     self.lock, self.children = threading.RLock(), set()
@@ -522,15 +529,15 @@ class Job:
   def sh(self, cmd: list[str], logfile: str, stop_at: float | None = None,
          env: dict | None = None) -> int:
     """Runs cmd, its output appended to logfile; SIGTERM at `stop_at` (default
-    the job's end), SIGKILL 5 s after the end."""
+    3 s before the job's end), SIGKILL at the end."""
     with open(logfile, 'a') as out:
       proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                               env=env or self.env)
     with self.lock:
       self.children.add(proc)
     try:
-      for at, sig in ((min(stop_at or self.end, self.end), signal.SIGTERM),
-                      (self.end + 5, signal.SIGKILL)):
+      for at, sig in ((min(stop_at or self.end - 3, self.end), signal.SIGTERM),
+                      (self.end, signal.SIGKILL)):
         try:
           return proc.wait(timeout=max(at - time.time(), 0.1))
         except subprocess.TimeoutExpired:
@@ -976,6 +983,9 @@ def main() -> int:
                  help=f'sizes of {", ".join(CARRY)}; exit 2 if one is missing or over the limit')
   args = p.parse_args()
   args.train_args, args.bench_args = args.train_args.split(), args.bench_args.split()
+  for name in ('out', 'results', 'runs', 'collect'):  # The job works from ROOT.
+    if getattr(args, name):
+      setattr(args, name, os.path.abspath(getattr(args, name)))
   args.units = [u for u in args.units.split(',') if u]
   args.variants = [v for v in args.variants.split(',') if v]
   unknown = set(args.units) - {u.id for u in UNITS}
