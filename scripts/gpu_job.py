@@ -324,6 +324,8 @@ def plan(args) -> int:
     if len(rows) == 1:
       break
     windows.append(rows)
+  if not windows:
+    print(f'\nNothing left that a window runs: {args.results} holds every unit for {kind}.')
   for w, rows in enumerate(windows, 1):
     if w == 1:
       for c, length in enumerate(lengths):
