@@ -31,8 +31,8 @@ and this machine's own staging folder already hold for this kind of device:
 
 Each finished run or part is staged under --runs (runs/gpu/results/) and at
 once packed, atomically, into $OUT/results.tgz; $OUT also gets job.log,
-env.txt and logs.tgz (the logs of unfinished work). A command stopped at any
-point so leaves everything finished so far. `--collect` merges a
+env.txt and logs.tgz (the workdirs' logs, finished or not). A command
+stopped at any point so leaves everything finished so far. `--collect` merges a
 results.tgz into results/ (new files, new JSON lines; a finished run already
 there is kept). Command 2 continues on the same machine: a training stopped
 at command 1's end (SIGTERM: it checkpoints) resumes from its workdir; on a
@@ -434,7 +434,7 @@ def collect(src: str, results: str) -> int:
     with tarfile.open(logs) as tar:
       tar.extractall(dest, members=[m for m in tar.getmembers() if m.isfile()],
                      filter='data')
-    print(f'logs of unfinished work: {dest}')
+    print(f'the workdirs\' logs: {dest}')
   print(f'collected {tgz} into {results}: ' + ', '.join(f'{v} {k}' for k, v in counts.items()))
   return 0
 
