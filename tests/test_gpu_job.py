@@ -216,3 +216,10 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     proc = _run(*args)
     assert proc.returncode == 2 and proc.stderr.startswith('error: '), (args, proc.stderr)
     assert proc.stderr.count('\n') == 1, proc.stderr
+
+
+def test_device_kinds_name_results_folders():
+  assert gpu_job.device_kind('NVIDIA H200', False) == 'h200'
+  assert gpu_job.device_kind('NVIDIA H100 80GB HBM3', False) == 'h100'
+  assert gpu_job.device_kind('TPU v5 lite', False) == 'tpu-v5-lite'
+  assert gpu_job.device_kind('NVIDIA H200', True) == 'cpu-tiny'
