@@ -47,6 +47,7 @@ task, tiny benchmark shapes) with its own device kind, `cpu-tiny`.
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import math
 import os
@@ -597,11 +598,11 @@ class Job:
   def setup(self) -> None:
     """Wheels the image lacks; this machine's window id, device and command count."""
     try:
-      import ml_collections, tensorboardX  # noqa: F401,E401  pylint: disable=import-outside-toplevel,multiple-imports,unused-import
+      # The job itself runs without them; its subprocesses need them.
+      import ml_collections  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+      import tensorboardX  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
-      wheels = sorted(os.path.join(ROOT, '.whl', f) for f in os.listdir(os.path.join(
-          ROOT, '.whl')) if f.endswith('.whl')) if os.path.isdir(
-              os.path.join(ROOT, '.whl')) else []
+      wheels = sorted(glob.glob(os.path.join(ROOT, '.whl', '*.whl')))
       if not wheels:
         raise JobError('ml_collections or tensorboardX is missing and .whl/ is empty: '
                        'run bash scripts/fetch_wheels.sh') from None
