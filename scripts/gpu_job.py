@@ -186,6 +186,7 @@ class Estimates:
         UPTRAIN_FRACTION * steps))] * len(UPTRAIN_KV))
 
   def source(self, kind: str) -> str:
+    """Where a Table 1 or uptrain unit's estimate comes from."""
     keys = {'table1': ('step_s', 'fixed_s', 'decode_s'),
             'uptrain': ('step_s', 'fixed_s', 'convert_s', 'decode_s')}.get(kind)
     if keys:
@@ -193,6 +194,7 @@ class Estimates:
     return ''
 
   def part_source(self, part: str) -> str:
+    """Where a Table 2 part's (or the smoke test's) estimate comes from."""
     return self.src[part]
 
 
@@ -366,10 +368,12 @@ def plan(args) -> int:
 
 
 def finished_by(windows) -> set[str]:
+  """Results that the planned `windows` make."""
   return {n for rows in windows for _, _, u, _, _ in rows for n in u.names}
 
 
 def describe(unit: Unit, steps: int) -> str:
+  """One line on what a unit does, for the plan."""
   if unit.kind == 'smoke':
     return 'versions, devices, 20 tiny steps'
   if unit.kind == 'table1':
@@ -520,9 +524,11 @@ class Job:
   # -- plumbing
 
   def left(self) -> float:
+    """Seconds until this command's job must end."""
     return self.end - time.time()
 
   def log(self, msg: str) -> None:
+    """A timestamped line on stdout and in $OUT/job.log."""
     line = f'{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S} {msg}'
     with self.lock:
       print(line, flush=True)
@@ -558,6 +564,7 @@ class Job:
         proc.send_signal(signal.SIGTERM)
 
   def python(self, *args: str) -> list[str]:
+    """A command line run by this job's Python."""
     return [sys.executable, *args]
 
   def pack(self) -> None:
@@ -694,6 +701,7 @@ class Job:
     return 1 if self.failed else 0
 
   def possible(self, unit: Unit) -> bool:
+    """Whether this machine has the unit's inputs (.peers/, .data/)."""
     if unit.kind == 'peer':
       return os.path.exists(os.path.join(ROOT, '.peers', 'flax_wmt_bench.py'))
     if unit.kind in ('table1', 'uptrain') and not self.tiny:
@@ -701,6 +709,7 @@ class Job:
     return True
 
   def estimate(self, unit: Unit) -> float:
+    """Seconds the unit needs here, counting work done on this machine already."""
     if unit.kind == 'table1':
       return self.est.table1([self.remaining(n) for n in unit.names])
     if unit.kind == 'uptrain':
@@ -711,6 +720,7 @@ class Job:
   # -- Table 1
 
   def steps(self) -> int:
+    """Steps per Table 1 run, for the estimates."""
     return self.args.steps or STEPS[self.tiny]
 
   def remaining(self, name: str) -> int:
@@ -729,6 +739,7 @@ class Job:
     return latest_step(wd) >= total and os.path.exists(os.path.join(wd, 'best', 'best.json'))
 
   def train_flags(self, variant: str, seed: int) -> list[str]:
+    """train.py flags of a Table 1 run."""
     flags = [f"--config=configs/multi30k.py:{variant}{',tiny' if self.tiny else ''}",
              f'--config.seed={seed}']
     if not self.tiny:
@@ -738,6 +749,7 @@ class Job:
     return flags
 
   def side_by_side_env(self, n: int) -> dict:
+    """The environment of one of n processes sharing the GPU."""
     env = dict(self.env)
     if n > 1 and not self.tiny:  # The runs share the GPU's memory.
       env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / n:.2f}'
@@ -757,6 +769,7 @@ class Job:
     return True, time.time() - t0
 
   def score(self, name: str, wd: str, env: dict) -> tuple[bool, float]:
+    """decode.py --mode=bleu on every split, greedy and beam 4; (scored, seconds)."""
     t0 = time.time()
     rc = self.sh(self.python('decode.py', f'--workdir={wd}', '--mode=bleu', '--split=dev,test',
                              '--beam_size=1,4', f'--test_sets={EXTRA_TEST[self.tiny]}'),
@@ -875,6 +888,7 @@ class Job:
   # -- Table 2
 
   def add_rows(self, file: str, rows: list[dict], part: str) -> None:
+    """Appends a finished part's rows, tagged with it, to the staged table2 file."""
     dest = os.path.join(self.stage, 'table2', self.kind, file)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest, 'a') as f:
@@ -955,6 +969,8 @@ def device_kind(device: str, tiny: bool) -> str:
 
 
 class Parser(argparse.ArgumentParser):
+  """Usage errors in one line, exit code 2."""
+
   def error(self, message):
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
