@@ -32,7 +32,11 @@ floor / measured, at most 1 up to noise. Decoder rows also give the traffic
 XLA put inside the compiled loop (`hlo.loop_traffic`): `loop_bytes_by_kind`, the
 bytes per step of every op writing an array at least as large as one K/V
 cache leaf, by what it computes, and `loop_cache_copy_bytes_per_step`, its
-copying part (0 when the cache is updated in place and read as stored).
+copying part (0 when the cache is updated in place and read as stored),
+and `program_*`: one step's kernels, bytes moved (and their ratio to the
+floor's bytes) and cache copies (`hlo.step_counts`), the counts that
+`python -m mqa_flax.gpu_program` predicts from a CPU, here read from the
+program timed.
 Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 
@@ -61,6 +65,10 @@ from mqa_flax.model import Cache, Transformer, abstract_model, cache_bytes
 
 KINDS = ('encoder', 'greedy', 'beam4', 'train')
 DECODE_DONATE = (1,)  # decode_fn's cache argument.
+# `hlo.step_counts` fields that decoder rows carry, prefixed `program_`.
+_PROGRAM_COUNTS = ('kernels_per_step', 'kernels_by_kind', 'bytes_moved_per_step',
+                   'bytes_over_floor', 'cache_copies_per_step',
+                   'cache_copies_per_call')
 CACHE_MODES = ('padded', 'growing')
 _NO_EOS = -1  # Matches no token, so every row decodes all tgt_len steps.
 _ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
@@ -200,13 +208,21 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   compiled, compile_s, sec = _timed(
       fn, lambda _: (params, make_cache(params, inputs)), donate=DECODE_DONATE,
       **timing)
-  by_kind = hlo.loop_traffic(compiled.as_text(), leaf)
+  text = compiled.as_text()
+  by_kind = hlo.loop_traffic(text, leaf)
   reorder = stats[f'decode_reorder_bytes_per_step_{mode}']  # 0 without beams.
+  self_leaf = min(math.prod(c[n].shape) * c[n].dtype.itemsize
+                  for c in shapes['layers'] for n in ('k', 'v'))
+  counts = hlo.step_counts(text, self_leaf,
+                           stats[f'decode_bytes_per_step_{mode}'] + reorder,
+                           2 * cfg.num_decoder_layers
+                           if beams > 1 and mode == 'padded' else 0)
+  program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   return dict(
       kind=decoding.search_name(beams), cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
       loop_bytes_by_kind=by_kind,
-      loop_cache_copy_bytes_per_step=hlo.cache_copy_bytes(by_kind),
+      loop_cache_copy_bytes_per_step=hlo.cache_copy_bytes(by_kind), **program,
       reorder_bytes_per_step=reorder,
       **_fields(stats[f'decode_bytes_per_step_{mode}'] + reorder, t, b * t,
                 beams * stats['decode_flops_per_token'], sec, dev))

@@ -13,12 +13,12 @@ ptxas, cuDNN); `available()` says whether it is there. The fusions, kernel
 counts, copies, in-place updates and bytes are what a GPU would run; GEMM
 autotuning is off without a device, so GEMM backends and timings are not.
 
-`program_report` reads the compiled HLO (`hlo.kernels`): for one step of
+`program_report` reads the compiled HLO (`hlo.step_counts`): for one step of
 the loop (the while-loop body with the most bytes, plus its condition) the
 kernels by kind, the bytes each reads and writes (see `hlo.kernels` and
 docs/perf.md for the measure), the cache-sized arrays written other than in
 place, the custom calls, and all bytes moved over the memory floor's
-(`costs.analyze`). The benchmark records the same counts (`program_counts`)
+(`costs.analyze`). The benchmark records the same counts (`hlo.step_counts`)
 from the program it times, so prediction and measurement sit side by side.
 """
 
@@ -193,46 +193,8 @@ def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
           stats[f'decode_reorder_bytes_per_step_{p.cache}'])
 
 
-def program_counts(hlo_text: str, leaf_bytes: int,
-                   floor: float | None = None,
-                   reorder_arrays: int = 0) -> dict[str, Any]:
-  """One step's kernels, bytes and cache-sized copies, from compiled HLO text.
-
-  The step is the while-loop body (plus its condition) that moves the most
-  bytes; a program without a loop (encoder, train step) is its entry
-  computation. A cache copy is an array at least as large as one cache
-  leaf (`leaf_bytes`) that a kernel computing nothing writes other than in
-  place (`hlo.Kernel.copies`); the first `reorder_arrays` of them are the
-  beam reorder's own (it writes every self K/V leaf once), not counted.
-  """
-  loops = hlo.loop_kernels(hlo_text)
-  entry = hlo.entry_kernels(hlo_text)
-  step = max(loops, key=lambda k: sum(x.read + x.written for x in k)) if loops else entry
-  moved = sum(k.read + k.written for k in step)
-  by_kind: dict[str, int] = {}
-  for k in step:
-    by_kind[k.kind] = by_kind.get(k.kind, 0) + 1
-  copies = [b for k in step for b in k.copies(leaf_bytes)]
-  entry_copies = [b for k in entry for b in k.copies(leaf_bytes)]
-  return dict(
-      loops=len(loops),
-      kernels_per_step=len(step),
-      kernels_by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-      bytes_read_per_step=sum(k.read for k in step),
-      bytes_written_per_step=sum(k.written for k in step),
-      bytes_moved_per_step=moved,
-      floor_bytes_per_step=floor,
-      bytes_over_floor=moved / floor if floor else None,
-      cache_copies_per_step=max(0, len(copies) - reorder_arrays),
-      cache_copy_bytes_per_step=max(0, sum(copies) - reorder_arrays * leaf_bytes),
-      cache_copies_per_call=len(entry_copies),
-      custom_calls=sorted({k.target for k in step + entry if k.target}),
-      kernels=[dataclasses.asdict(k) for k in step],
-  )
-
-
 def program_report(cfg: ModelConfig, p: Program, target: str) -> dict[str, Any]:
-  """Compiles `p` for `target` and counts one step of it (`program_counts`)."""
+  """Compiles `p` for `target` and counts one step of it (`hlo.step_counts`)."""
   text, leaf = compile_text(cfg, p, target)
   # The padded reorder gathers every self K/V leaf whole; the growing one
   # updates their first positions in place.
@@ -242,7 +204,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str) -> dict[str, Any]:
               attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
               num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               dtype=cfg.dtype, cache_leaf_bytes=leaf,
-              **program_counts(text, leaf, floor_bytes(cfg, p), reorder))
+              **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder))
 
 
 def format_report(r: dict[str, Any], kernels: bool = False) -> str:
