@@ -279,13 +279,13 @@ def main(argv):
   tgt_len = _TGT_LEN.value
   if program == 'train' and not flags.FLAGS['tgt_len'].present:
     tgt_len = 256
-  try:
-    p = Program(program, batch=_BATCH.value or _DEFAULT_BATCH[program],
-                src_len=_SRC_LEN.value, tgt_len=tgt_len, beam_size=_BEAM.value,
-                cache=_CACHE.value, chunk=_CHUNK.value)
+  batch = _DEFAULT_BATCH[program] if _BATCH.value is None else _BATCH.value
+  try:  # A bad shape, or an implementation the layout does not allow.
+    p = Program(program, batch=batch, src_len=_SRC_LEN.value, tgt_len=tgt_len,
+                beam_size=_BEAM.value, cache=_CACHE.value, chunk=_CHUNK.value)
+    report = program_report(cfg, p, _TARGET.value)
   except ValueError as e:
     raise errors.UserError(str(e)) from e
-  report = program_report(cfg, p, _TARGET.value)
   report = dict(variant=config.variant, **report)
   if _JSON.value:
     print(json.dumps(report, indent=1))

@@ -6,6 +6,9 @@ copy is a cache copy.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +20,7 @@ pytestmark = pytest.mark.skipif(
     not gpu_program.available(),
     reason="compiling for a GPU without one needs the gpu-aot extra")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2
 # Kernels per decode step: per decoder layer, plus the embedding, logits,
 # search and loop condition. The goal (issue 21) is 16 per layer.
@@ -91,3 +95,14 @@ def test_encoder_and_train_step_compile(program):
   r = _report(program, 2, 'BLKH')
   assert r['loops'] == 0 and r['kernels_per_step'] > 0
   assert r['floor_bytes_per_step'] is None
+
+
+@pytest.mark.parametrize('flag', ['--batch=0', '--impl=cudnn --layout=BKLH'])
+def test_cli_user_error_is_one_line(flag):
+  out = subprocess.run(
+      [sys.executable, '-m', 'mqa_flax.gpu_program',
+       '--config=configs/paper.py:mqa,tiny', *flag.split()],
+      capture_output=True, text=True, cwd=ROOT, check=False)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'Traceback' not in out.stderr
