@@ -213,10 +213,13 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
     return f'{x / 1e6:,.1f} MB' if x >= 1e5 else f'{x / 1e3:,.1f} kB'
   what = (f"{r['program']} (beam {r['beams']})" if r['program'] == 'beam'
           else r['program'])
+  decoding = r['program'] in ('greedy', 'beam')
   lines = [
       f"{what} on {r['target']}: K={r['num_kv_heads']} N={r['num_heads']} "
-      f"{r['dtype']} batch {r['batch']} src {r['src_len']} tgt {r['tgt_len']} "
-      f"cache {r['cache']} {r['cache_layout']} attention {r['attention_impl']}",
+      f"{r['dtype']} batch {r['batch']} " + (
+          f"src {r['src_len']} tgt {r['tgt_len']} cache {r['cache']} "
+          f"{r['cache_layout']} attention {r['attention_impl']}" if decoding
+          else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']}"),
       f"loops {r['loops']}; one step (loop body + condition, or the whole "
       f"program without a loop):",
       f"  kernels            {r['kernels_per_step']}: " + ', '.join(

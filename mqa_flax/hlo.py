@@ -165,13 +165,11 @@ def _operands(rest: str) -> list[str]:
   return re.findall(r'%([\w.\-]+)', rest.split(')')[0])
 
 
-def _through_bitcasts(ops: dict, name: str) -> tuple[str, tuple]:
-  """The op a chain of bitcasts starting at `name` renames."""
-  op = ops.get(name)
+def _unbitcast(ops: dict, op: tuple | None) -> tuple | None:
+  """The op that a chain of bitcasts ending in `op` renames (`op` if none)."""
   while op and op[0] == 'bitcast' and _operands(op[2]):
-    name = _operands(op[2])[0]
-    op = ops.get(name)
-  return name, op
+    op = ops.get(_operands(op[2])[0])
+  return op
 
 
 def _users(ops: dict, name: str) -> list[tuple[str, tuple, int]]:
@@ -213,22 +211,22 @@ def _fusion_kind(ops: dict, roots: list[tuple], rest: str, name: str) -> str:
 
 def _fusion(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
   """A fusion's kernel: its kind and its bytes, read as `Kernel` says."""
-  kind, typ, rest = op
+  _, typ, rest = op
   called = re.search(r'calls=%([\w.\-]+)', rest)
   fused = comps.get(called.group(1), {}) if called else {}
-  root = fused.get('ROOT', ('', typ, ''))
-  names = _operands(root[2]) if root[0] == 'tuple' else [None]
-  outputs, updated = [], set()
-  for n in names:  # One per result of the fusion.
-    out_op = _through_bitcasts(fused, n)[1] if n else root
-    if out_op and out_op[0] == 'bitcast':
-      out_op = _through_bitcasts(fused, _operands(out_op[2])[0])[1]
-    if out_op and out_op[0] == 'dynamic-update-slice':
-      buf, update = _operands(out_op[2])[:2]
-      updated.add(_through_bitcasts(fused, buf)[0])
-      outputs.append((sum(_nbytes(fused[update][1])), True))
+  root = fused.get('ROOT')
+  if root is None:  # No fused computation to read: whole results.
+    outs = _nbytes(typ)
+    return Kernel(name, 'fusion', 0, sum(outs), tuple((b, False) for b in outs))
+  # One root per result: a tuple ROOT lists them as its operands.
+  roots = ([_unbitcast(fused, fused.get(n)) for n in _operands(root[2])]
+           if root[0] == 'tuple' else [_unbitcast(fused, root)])
+  outputs = []
+  for r in roots:
+    if r[0] == 'dynamic-update-slice':  # In place: writes only its update.
+      outputs.append((sum(_nbytes(fused[_operands(r[2])[1]][1])), True))
     else:
-      outputs += [(b, False) for b in _nbytes(out_op[1] if out_op else typ)]
+      outputs += [(b, False) for b in _nbytes(r[1])]
   params = {int(re.match(r'(\d+)', r).group(1)): n for n, (k, _, r) in fused.items()
             if k == 'parameter' and n != 'ROOT'}
   read = 0
@@ -245,9 +243,8 @@ def _fusion(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
         continue  # The buffer updated in place.
       part += sum(_nbytes(user_op[1])) if user_op[0] in _READ_PART and pos == 0 else full
     read += min(full, part)
-  roots = [(_through_bitcasts(fused, n)[1] if n else root) for n in names]
-  return Kernel(name, _fusion_kind(fused, [r for r in roots if r], rest, name),
-                read, sum(b for b, _ in outputs), tuple(outputs))
+  return Kernel(name, _fusion_kind(fused, roots, rest, name), read,
+                sum(b for b, _ in outputs), tuple(outputs))
 
 
 def _kernel(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
