@@ -71,8 +71,9 @@ _PROGRAM_COUNTS = ('kernels_per_step', 'kernels_by_kind', 'bytes_moved_per_step'
                    'cache_copies_per_call')
 CACHE_MODES = ('padded', 'growing')
 _NO_EOS = -1  # Matches no token, so every row decodes all tgt_len steps.
-_ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
-              schedule='rsqrt', b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0)
+# The train rows' optimizer unless `run` is given one.
+ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
+             schedule='rsqrt', b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0)
 # costs.analyze traces the model on each call; a variant's rows share calls.
 _analyze = functools.lru_cache(costs.analyze)
 
@@ -143,8 +144,9 @@ def _random_ids(seed: int, shape: tuple[int, int], vocab: int) -> jax.Array:
   return jnp.asarray(rng.integers(1, vocab, shape, np.int32))
 
 
-def _encode(graphdef: nnx.GraphDef, params: nnx.State, inputs: jax.Array,
-            max_len: int, beam_size: int = 1) -> Cache:
+def encode_cache(graphdef: nnx.GraphDef, params: nnx.State, inputs: jax.Array,
+                 max_len: int, beam_size: int = 1) -> Cache:
+  """The decode cache of `inputs` [B, S]: what decoder rows start from."""
   model = nnx.merge(graphdef, params)
   return model.init_cache(model.encode(inputs), inputs, max_len, beam_size)
 
@@ -153,7 +155,7 @@ def encoder_fn(graphdef: nnx.GraphDef, tgt_len: int) -> Callable:
   """What encoder rows time: `(params, inputs) -> cross K/V of every layer`."""
   def cross_kv(params, inputs):  # The empty self cache is dead code: not timed.
     return [(c['cross_k'], c['cross_v'])
-            for c in _encode(graphdef, params, inputs, tgt_len)['layers']]
+            for c in encode_cache(graphdef, params, inputs, tgt_len)['layers']]
   return cross_kv
 
 
@@ -198,7 +200,7 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, beams: int, mode: str, s: int, t: int, chunk: int,
                   seed: int, dev: dict, timing: dict) -> dict:
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
-  make_cache = jax.jit(functools.partial(_encode, graphdef, max_len=t,
+  make_cache = jax.jit(functools.partial(encode_cache, graphdef, max_len=t,
                                          beam_size=beams))
   shapes = jax.eval_shape(make_cache, params, inputs)
   leaf = min(math.prod(x.shape) * x.dtype.itemsize for layer in shapes['layers']
@@ -313,7 +315,7 @@ def run(variants: dict[str, ModelConfig], *,
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                  timespec='seconds'))
   timing = dict(reps=reps, warmup=warmup)
-  opt_config = opt_config or ml_collections.ConfigDict(_ADAMW)
+  opt_config = opt_config or ml_collections.ConfigDict(ADAMW)
   decoders = [(batch, 1, m) for m in cache_modes] if 'greedy' in kinds else []
   if 'beam4' in kinds:
     decoders += [(beam_batch, beam_size, m) for m in cache_modes]

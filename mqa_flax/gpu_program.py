@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
 
 from mqa_flax import attention
@@ -153,7 +152,7 @@ def _lower(cfg: ModelConfig, p: Program, sharding: jax.sharding.Sharding
   graphdef, params = abstract_model(cfg)
   if p.program == 'train':
     params = _abstract(params, sharding)
-    tx = state_lib.make_optimizer(ml_collections.ConfigDict(benchmark._ADAMW), 1)  # pylint: disable=protected-access
+    tx = state_lib.make_optimizer(ml_collections.ConfigDict(benchmark.ADAMW), 1)
     state = state_lib.TrainState(
         jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding), params,
         _abstract(jax.eval_shape(tx.init, params), sharding))
@@ -168,7 +167,7 @@ def _lower(cfg: ModelConfig, p: Program, sharding: jax.sharding.Sharding
   inputs = jax.ShapeDtypeStruct((p.batch, p.src_len), jnp.int32, sharding=sharding)
   if p.program == 'encoder':
     return jax.jit(benchmark.encoder_fn(graphdef, p.tgt_len)).lower(params, inputs), 0
-  make_cache = functools.partial(benchmark._encode, graphdef, max_len=p.tgt_len,  # pylint: disable=protected-access
+  make_cache = functools.partial(benchmark.encode_cache, graphdef, max_len=p.tgt_len,
                                  beam_size=p.beams)
   cache = _abstract(jax.eval_shape(make_cache, params, inputs), sharding)
   leaf = min(math.prod(c[n].shape) * c[n].dtype.itemsize for c in cache['layers']
