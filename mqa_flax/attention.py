@@ -119,9 +119,12 @@ def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   del kh  # In k's shape.
   b, _, n, h = q_B1NH.shape
   bk = k.shape[0]
-  q = q_B1NH.reshape(bk, b // bk, n, h)  # The R rows become query positions.
-  out = jax.nn.dot_product_attention(q, k, v, mask=valid_BS[:, None, None, :],
-                                     scale=1.0, implementation='cudnn')
+  r, s = b // bk, k.shape[1]
+  q = q_B1NH.reshape(bk, r, n, h)  # The R rows become query positions.
+  # cuDNN takes the mask at its full query length (R), not broadcast from 1.
+  mask = jnp.broadcast_to(valid_BS[:, None, None, :], (bk, 1, r, s))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+                                     implementation='cudnn')
   return out.reshape(b, 1, n, h)
 
 

@@ -106,3 +106,15 @@ def test_cli_user_error_is_one_line(flag):
   assert out.returncode == 2, out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize('program', ['greedy', 'beam'])
+def test_cudnn_attention_compiles_for_the_gpu(program):
+  # Beam search's cross-attention puts R = 4 query rows on each key/value row.
+  cfg = ModelConfig(vocab_size=64, num_encoder_layers=1, num_decoder_layers=LAYERS,
+                    d_model=32, d_ff=64, num_heads=8, num_kv_heads=2, head_dim=32,
+                    max_len=64, dtype='bfloat16', attention_impl='cudnn')
+  p = gpu_program.Program(program, batch=16, src_len=16, tgt_len=32, beam_size=4)
+  r = gpu_program.program_report(cfg, p, 'h200')
+  assert r['kernels_by_kind']['attention'] == 2 * LAYERS
+  assert any('cudnn' in c for c in r['custom_calls'])
