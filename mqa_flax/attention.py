@@ -9,6 +9,9 @@ N query heads, K key/value heads, G = N // K, H head dimension, R query rows
 per key/value row (beams of a sentence sharing its cross-attention memory).
 """
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +21,22 @@ from mqa_flax.config import check_heads
 _NEG_INF = -1e30  # Finite, so fully masked rows give a uniform softmax.
 IMPLS = ('xla', 'cudnn', 'pallas')  # How decode attention computes (T == 1).
 KV_LAYOUTS = ('BSKH', 'BKSH')  # Key/value array layouts.
+_FOR_GPU = contextvars.ContextVar('for_gpu', default=False)
+
+
+@contextlib.contextmanager
+def compiling_for_gpu():
+  """Functions traced inside target a GPU where the default backend is the
+  CPU: deviceless compilation for one (`mqa_flax.gpu_program`)."""
+  token = _FOR_GPU.set(True)
+  try:
+    yield
+  finally:
+    _FOR_GPU.reset(token)
+
+
+def _for_gpu() -> bool:
+  return jax.default_backend() == 'gpu' or _FOR_GPU.get()
 
 
 def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
@@ -90,7 +109,7 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
 def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
                      valid_BS: jax.Array, kv_layout: str, kh: int) -> jax.Array:
   """One query position through cuDNN's fused attention (GPU only)."""
-  if jax.default_backend() != 'gpu':
+  if not _for_gpu():
     raise NotImplementedError(
         f"attention impl 'cudnn' needs a CUDA GPU; this backend is "
         f'{jax.default_backend()!r} (use impl xla or pallas)')
@@ -100,9 +119,12 @@ def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   del kh  # In k's shape.
   b, _, n, h = q_B1NH.shape
   bk = k.shape[0]
-  q = q_B1NH.reshape(bk, b // bk, n, h)  # The R rows become query positions.
-  out = jax.nn.dot_product_attention(q, k, v, mask=valid_BS[:, None, None, :],
-                                     scale=1.0, implementation='cudnn')
+  r, s = b // bk, k.shape[1]
+  q = q_B1NH.reshape(bk, r, n, h)  # The R rows become query positions.
+  # cuDNN takes the mask at its full query length (R), not broadcast from 1.
+  mask = jnp.broadcast_to(valid_BS[:, None, None, :], (bk, 1, r, s))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+                                     implementation='cudnn')
   return out.reshape(b, 1, n, h)
 
 
@@ -119,7 +141,7 @@ def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   q = q_B1NH.reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
   out = pallas_attention.decode_attention(
       q.reshape(bk, kh, r * g, h), k, v, valid_BS, kv_layout=kv_layout,
-      interpret=jax.default_backend() == 'cpu')  # [Bk, K, R*G, H]
+      interpret=not _for_gpu())  # [Bk, K, R*G, H]
   out = out.reshape(bk, kh, r, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, 1, n, h)
 

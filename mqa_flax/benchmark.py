@@ -32,7 +32,11 @@ floor / measured, at most 1 up to noise. Decoder rows also give the traffic
 XLA put inside the compiled loop (`hlo.loop_traffic`): `loop_bytes_by_kind`, the
 bytes per step of every op writing an array at least as large as one K/V
 cache leaf, by what it computes, and `loop_cache_copy_bytes_per_step`, its
-copying part (0 when the cache is updated in place and read as stored).
+copying part (0 when the cache is updated in place and read as stored),
+and `program_*`: one step's kernels, bytes moved (and their ratio to the
+floor's bytes) and cache copies (`hlo.step_counts`), the counts that
+`python -m mqa_flax.gpu_program` predicts from a CPU, here read from the
+program timed.
 Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 
@@ -60,10 +64,16 @@ from mqa_flax.config import ModelConfig
 from mqa_flax.model import Cache, Transformer, abstract_model, cache_bytes
 
 KINDS = ('encoder', 'greedy', 'beam4', 'train')
+DECODE_DONATE = (1,)  # decode_fn's cache argument.
+# `hlo.step_counts` fields that decoder rows carry, prefixed `program_`.
+_PROGRAM_COUNTS = ('kernels_per_step', 'kernels_by_kind', 'bytes_moved_per_step',
+                   'bytes_over_floor', 'cache_copies_per_step',
+                   'cache_copies_per_call')
 CACHE_MODES = ('padded', 'growing')
 _NO_EOS = -1  # Matches no token, so every row decodes all tgt_len steps.
-_ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
-              schedule='rsqrt', b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0)
+# The train rows' optimizer unless `run` is given one.
+ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
+             schedule='rsqrt', b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0)
 # costs.analyze traces the model on each call; a variant's rows share calls.
 _analyze = functools.lru_cache(costs.analyze)
 
@@ -134,42 +144,55 @@ def _random_ids(seed: int, shape: tuple[int, int], vocab: int) -> jax.Array:
   return jnp.asarray(rng.integers(1, vocab, shape, np.int32))
 
 
-def _encode(graphdef: nnx.GraphDef, params: nnx.State, inputs: jax.Array,
-            max_len: int, beam_size: int = 1) -> Cache:
+def encode_cache(graphdef: nnx.GraphDef, params: nnx.State, inputs: jax.Array,
+                 max_len: int, beam_size: int = 1) -> Cache:
+  """The decode cache of `inputs` [B, S]: what decoder rows start from."""
   model = nnx.merge(graphdef, params)
   return model.init_cache(model.encode(inputs), inputs, max_len, beam_size)
+
+
+def encoder_fn(graphdef: nnx.GraphDef, tgt_len: int) -> Callable:
+  """What encoder rows time: `(params, inputs) -> cross K/V of every layer`."""
+  def cross_kv(params, inputs):  # The empty self cache is dead code: not timed.
+    return [(c['cross_k'], c['cross_v'])
+            for c in encode_cache(graphdef, params, inputs, tgt_len)['layers']]
+  return cross_kv
 
 
 def _time_encoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, s: int, t: int, seed: int, dev: dict,
                   timing: dict) -> dict:
-  def cross_kv(p, inputs):  # The empty self cache is dead code: not timed.
-    return [(c['cross_k'], c['cross_v'])
-            for c in _encode(graphdef, p, inputs, t)['layers']]
-
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
-  _, compile_s, sec = _timed(cross_kv, lambda _: (params, inputs), **timing)
+  _, compile_s, sec = _timed(encoder_fn(graphdef, t), lambda _: (params, inputs),
+                             **timing)
   flops = _analyze(cfg, b, s, t, 1)['encoder_flops_per_token']
   return dict(kind='encoder', cache=None, batch=b, compile_s=compile_s,
               **_fields(None, 1, b * s, flops, sec, dev))
 
 
 def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
-              chunk: int | None) -> Callable[[nnx.State, Cache], jax.Array]:
+              chunk: int | None) -> Callable[[nnx.State, Cache],
+                                             tuple[jax.Array, Cache]]:
   """What the decoder rows time: `decoding`'s search over `model.decode_step`.
 
-  EOS is ignored (an id that matches nothing), so every row decodes all
-  tgt_len steps; `chunk` selects the growing cache (beam search then also
-  reorders only the positions written so far).
+  Returns `(params, cache) -> (tokens, final cache)`, to be jitted with the
+  cache donated (`DECODE_DONATE`): the loop then updates the caller's cache
+  buffers in place instead of first copying them. EOS is ignored (an id that
+  matches nothing), so every row decodes all tgt_len steps; `chunk` selects
+  the growing cache (beam search then also reorders only the positions
+  written so far).
   """
   def fn(params, cache):
     model = nnx.merge(graphdef, params)
     if beams == 1:
       return decoding.greedy_search(model.decode_step, cache, batch, tgt_len,
-                                    _NO_EOS, stop_at_eos=False, chunk=chunk)
-    return decoding.beam_search(model.decode_step, cache, batch, beams,
-                                tgt_len, _NO_EOS, stop_at_eos=False,
-                                reorder=model.reorder_cache, chunk=chunk)[0]
+                                    _NO_EOS, stop_at_eos=False, chunk=chunk,
+                                    return_cache=True)
+    seqs, _, cache = decoding.beam_search(
+        model.decode_step, cache, batch, beams, tgt_len, _NO_EOS,
+        stop_at_eos=False, reorder=model.reorder_cache, chunk=chunk,
+        return_cache=True)
+    return seqs, cache
   return fn
 
 
@@ -177,7 +200,7 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, beams: int, mode: str, s: int, t: int, chunk: int,
                   seed: int, dev: dict, timing: dict) -> dict:
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
-  make_cache = jax.jit(functools.partial(_encode, graphdef, max_len=t,
+  make_cache = jax.jit(functools.partial(encode_cache, graphdef, max_len=t,
                                          beam_size=beams))
   shapes = jax.eval_shape(make_cache, params, inputs)
   leaf = min(math.prod(x.shape) * x.dtype.itemsize for layer in shapes['layers']
@@ -185,33 +208,51 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   stats = _analyze(cfg, b, s, t, beams)
   fn = decode_fn(graphdef, b, beams, t, chunk if mode == 'growing' else None)
   compiled, compile_s, sec = _timed(
-      fn, lambda _: (params, make_cache(params, inputs)), **timing)
-  by_kind = hlo.loop_traffic(compiled.as_text(), leaf)
+      fn, lambda _: (params, make_cache(params, inputs)), donate=DECODE_DONATE,
+      **timing)
+  text = compiled.as_text()
+  by_kind = hlo.loop_traffic(text, leaf)
   reorder = stats[f'decode_reorder_bytes_per_step_{mode}']  # 0 without beams.
+  self_leaf = min(math.prod(c[n].shape) * c[n].dtype.itemsize
+                  for c in shapes['layers'] for n in ('k', 'v'))
+  counts = hlo.step_counts(text, self_leaf,
+                           stats[f'decode_bytes_per_step_{mode}'] + reorder,
+                           2 * cfg.num_decoder_layers
+                           if beams > 1 and mode == 'padded' else 0)
+  program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   return dict(
       kind=decoding.search_name(beams), cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
       loop_bytes_by_kind=by_kind,
-      loop_cache_copy_bytes_per_step=hlo.cache_copy_bytes(by_kind),
+      loop_cache_copy_bytes_per_step=hlo.cache_copy_bytes(by_kind), **program,
       reorder_bytes_per_step=reorder,
       **_fields(stats[f'decode_bytes_per_step_{mode}'] + reorder, t, b * t,
                 beams * stats['decode_flops_per_token'], sec, dev))
+
+
+def train_batch(ids: jax.Array) -> dict[str, jax.Array]:
+  """A fully packed training batch with `ids` [B, L] as inputs and targets."""
+  ones = jnp.ones_like(ids)
+  pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+  return dict(inputs=ids, targets=ids, inputs_segmentation=ones,
+              targets_segmentation=ones, inputs_position=pos,
+              targets_position=pos)
+
+
+def train_fn(graphdef: nnx.GraphDef, tx) -> Callable:
+  """What train rows time: `(state, batch, rng) -> (state, metrics)`, state donated."""
+  return functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
+                           label_smoothing=0.1)
 
 
 def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                 b: int, length: int, opt_config: ml_collections.ConfigDict,
                 seed: int, dev: dict, timing: dict) -> dict:
   tx = state_lib.make_optimizer(opt_config, 1)
-  ids = _random_ids(seed, (b, length), cfg.vocab_size)
-  ones = jnp.ones_like(ids)
-  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
-  batch = dict(inputs=ids, targets=ids, inputs_segmentation=ones,
-               targets_segmentation=ones, inputs_position=pos,
-               targets_position=pos)
+  batch = train_batch(_random_ids(seed, (b, length), cfg.vocab_size))
   params = jax.tree.map(jnp.copy, params)  # The step donates its state.
   state = state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  step = functools.partial(steps.train_step, graphdef=graphdef, tx=tx,
-                           label_smoothing=0.1)
+  step = train_fn(graphdef, tx)
   rng = jax.random.key(seed)
   _, compile_s, sec = _timed(step, lambda out: (out[0] if out else state, batch, rng),
                              donate=(0,), **timing)
@@ -274,7 +315,7 @@ def run(variants: dict[str, ModelConfig], *,
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                  timespec='seconds'))
   timing = dict(reps=reps, warmup=warmup)
-  opt_config = opt_config or ml_collections.ConfigDict(_ADAMW)
+  opt_config = opt_config or ml_collections.ConfigDict(ADAMW)
   decoders = [(batch, 1, m) for m in cache_modes] if 'greedy' in kinds else []
   if 'beam4' in kinds:
     decoders += [(beam_batch, beam_size, m) for m in cache_modes]

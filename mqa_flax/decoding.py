@@ -70,7 +70,8 @@ def greedy_search(
     max_lens: jax.Array | None = None,
     stop_at_eos: bool = True,
     chunk: int | None = None,
-) -> jax.Array:
+    return_cache: bool = False,
+) -> jax.Array | tuple[jax.Array, Cache]:
   """Decodes the argmax token at every step and returns tokens [B, max_len].
 
   With `chunk`, the steps run as consecutive loops of `chunk` steps and the
@@ -90,6 +91,8 @@ def greedy_search(
       early exit is dropped, the returned tokens are the same.
     chunk: steps per inner loop, each with a static read length; None runs
       one loop and calls `tokens_to_logits(ids, cache)`.
+    return_cache: also return the final cache, (tokens, cache): a caller
+      that donates the cache (the benchmark) then gets it back in place.
   """
 
   def cond(end: int, s: GreedyState) -> jax.Array:
@@ -119,15 +122,12 @@ def greedy_search(
       finished=jnp.zeros((batch_size,), bool),
       cache=cache,
   )
-  if chunk is None:
-    return jax.lax.while_loop(functools.partial(cond, max_len),
-                              functools.partial(body, None), init).tokens
   s = init
-  for start in range(0, max_len, chunk):
-    end = min(start + chunk, max_len)
+  for start in range(0, max_len, chunk or max_len):
+    end = min(start + (chunk or max_len), max_len)
     s = jax.lax.while_loop(functools.partial(cond, end),
-                           functools.partial(body, end), s)
-  return s.tokens
+                           functools.partial(body, end if chunk else None), s)
+  return (s.tokens, s.cache) if return_cache else s.tokens
 
 
 # --------------------------------------------------------------------- beam
@@ -179,7 +179,8 @@ def beam_search(
     stop_at_eos: bool = True,
     reorder: Callable[..., Cache] = gather_rows,
     chunk: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    return_cache: bool = False,
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, Cache]:
   """Beam search returning (sequences [B, M, T], scores [B, M]), best first.
 
   A finished hypothesis of n tokens (EOS included) with log-probability l
@@ -219,6 +220,7 @@ def beam_search(
       `reorder(cache, rows, upto=end)` with `end` (static) the end of the
       loop, so that a model may read and reorder only the cache positions
       written so far. Same result.
+    return_cache: also return the final cache, (sequences, scores, cache).
   """
   if max_lens is None:
     reachable_len = jnp.full((batch_size,), max_len, jnp.int32)
@@ -297,4 +299,4 @@ def beam_search(
   seqs = jnp.where(any_finished[:, None, None], s.finished_seqs, s.alive_seqs)
   scores = jnp.where(any_finished[:, None], s.finished_scores, alive_scores)
   seqs = jnp.where((scores > -jnp.inf)[:, :, None], seqs, 0)
-  return seqs, scores
+  return (seqs, scores, s.cache) if return_cache else (seqs, scores)

@@ -1,5 +1,9 @@
 """What a compiled program moves inside its loops, read from XLA's HLO text.
 
+`loop_kernels` / `entry_kernels` list the kernels a compiled program
+launches (in one while-loop step, or outside any loop), each with the bytes
+it reads and writes: `mqa_flax.gpu_program` reports them for a GPU target.
+
 `loop_traffic` finds, in every while-loop body, the ops that write an array
 at least as large as a given size (one K/V cache leaf, say) and adds up their
 bytes by what they compute. The decode benchmark uses it to show whether a
@@ -8,8 +12,10 @@ bytes) or copied every step (copy, transpose, gather, ... bytes).
 """
 
 import collections
+import dataclasses
 import math
 import re
+from typing import Any
 
 _HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
               'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
@@ -104,3 +110,239 @@ def loop_traffic(hlo_text: str, min_bytes: int,
 def cache_copy_bytes(by_kind: dict[str, int]) -> int:
   """The COPY_KINDS part of `loop_traffic`'s result."""
   return sum(v for k, v in by_kind.items() if k in COPY_KINDS)
+
+
+# ------------------------------------------------------------------ kernels
+
+# Ops that launch nothing: they name, group or alias buffers (an async op's
+# `-done` half waits for its `-start`).
+_NO_KERNEL = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
+              'after-all', 'partition-id', 'opt-barrier', 'add-dependency',
+              'copy-done', 'async-done', 'domain'}
+# Ops whose kernels live in other computations: the kernels of those count.
+_CALLS = {'while': r'(?:body|condition)=%([\w.\-]+)',
+          'call': r'to_apply=%([\w.\-]+)',
+          'async-start': r'calls=%([\w.\-]+)',
+          'conditional': r'%([\w.\-]+)'}
+_COMPUTES = ('gemm', 'reduction', 'attention', 'pallas')  # Kernel kinds that are no copy.
+_READ_PART = {'slice', 'dynamic-slice', 'gather'}  # Read only their result.
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One kernel launch: what it computes and the bytes it moves.
+
+  `read`: the bytes of its distinct operands, where an operand that the
+  kernel only slices (slice, dynamic-slice, gather) counts the slices' bytes
+  and the buffer an in-place dynamic-update-slice updates counts nothing.
+  `written`: the bytes of its results, an in-place update counting its
+  update's bytes. `outputs`: (bytes written, updated in place) per result.
+  """
+
+  name: str
+  kind: str
+  read: int
+  written: int
+  outputs: tuple[tuple[int, bool], ...]
+  target: str = ''  # A custom call's target.
+
+  def copies(self, min_bytes: int) -> list[int]:
+    """Bytes of each array of >= min_bytes it copies: writes other than in
+    place, computing nothing (no GEMM, reduction or attention)."""
+    if not min_bytes or self.kind in _COMPUTES:
+      return []
+    return [b for b, inplace in self.outputs if b >= min_bytes and not inplace]
+
+
+def _nbytes(typ: str) -> list[int]:
+  """Bytes of each array in an HLO type (`bf16[8,4]{1,0}` or a tuple of them)."""
+  return [_HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+          for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', typ)]
+
+
+def _operands(rest: str) -> list[str]:
+  """Operand names of an op (its first parenthesised list)."""
+  return re.findall(r'%([\w.\-]+)', rest.split(')')[0])
+
+
+def _unbitcast(ops: dict, op: tuple | None) -> tuple | None:
+  """The op that a chain of bitcasts ending in `op` renames (`op` if none)."""
+  while op and op[0] == 'bitcast' and _operands(op[2]):
+    op = ops.get(_operands(op[2])[0])
+  return op
+
+
+def _users(ops: dict, name: str) -> list[tuple[str, tuple, int]]:
+  """(user, op, operand position) of every use of `name`, seen through bitcasts."""
+  out = []
+  for user, op in ops.items():
+    if user == 'ROOT':
+      continue
+    for i, operand in enumerate(_operands(op[2])):
+      if operand == name:
+        out += _users(ops, user) if op[0] == 'bitcast' else [(user, op, i)]
+  return out
+
+
+def _fusion_kind(ops: dict, roots: list[tuple], rest: str, name: str) -> str:
+  """What a fusion computes, in a few words (gemm, reduction, update, ...)."""
+  kinds = {op[0] for n, op in ops.items() if n != 'ROOT'}
+  root_kinds = {op[0] for op in roots}
+  sizes = [b for op in roots for b in _nbytes(op[1])]
+  if 'dot' in kinds or 'gemm' in name or '__triton_gemm' in rest:
+    return 'gemm'
+  if root_kinds == {'dynamic-update-slice'}:
+    return 'update'
+  if 'reduce' in kinds:
+    return 'reduction'
+  if 'transpose' in kinds or root_kinds == {'copy'}:
+    return 'transpose'
+  for kind in ('gather', 'scatter', 'concatenate'):
+    if kind in root_kinds:
+      return kind
+  if root_kinds <= _READ_PART:
+    return 'slice'
+  if root_kinds == {'convert'}:
+    return 'convert'
+  if all(b <= 8 for b in sizes):
+    return 'scalar'
+  return 'elementwise'
+
+
+def _fusion(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
+  """A fusion's kernel: its kind and its bytes, read as `Kernel` says."""
+  _, typ, rest = op
+  called = re.search(r'calls=%([\w.\-]+)', rest)
+  fused = comps.get(called.group(1), {}) if called else {}
+  root = fused.get('ROOT')
+  if root is None:  # No fused computation to read: whole results.
+    outs = _nbytes(typ)
+    return Kernel(name, 'fusion', 0, sum(outs), tuple((b, False) for b in outs))
+  # One root per result: a tuple ROOT lists them as its operands.
+  roots = ([_unbitcast(fused, fused.get(n)) for n in _operands(root[2])]
+           if root[0] == 'tuple' else [_unbitcast(fused, root)])
+  outputs = []
+  for r in roots:
+    if r[0] == 'dynamic-update-slice':  # In place: writes only its update.
+      outputs.append((sum(_nbytes(fused[_operands(r[2])[1]][1])), True))
+    else:
+      outputs += [(b, False) for b in _nbytes(r[1])]
+  params = {int(re.match(r'(\d+)', r).group(1)): n for n, (k, _, r) in fused.items()
+            if k == 'parameter' and n != 'ROOT'}
+  read = 0
+  operands = _operands(rest)
+  for operand in dict.fromkeys(operands):  # An operand passed twice is read once.
+    full = sum(_nbytes(ops[operand][1])) if operand in ops else 0
+    param = params.get(operands.index(operand))
+    if param is None:
+      read += full
+      continue
+    part = 0
+    for _, user_op, pos in _users(fused, param):
+      if user_op[0] == 'dynamic-update-slice' and pos == 0:
+        continue  # The buffer updated in place.
+      part += sum(_nbytes(user_op[1])) if user_op[0] in _READ_PART and pos == 0 else full
+    read += min(full, part)
+  return Kernel(name, _fusion_kind(fused, roots, rest, name), read,
+                sum(b for b, _ in outputs), tuple(outputs))
+
+
+def _kernel(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
+  """The kernel one op launches."""
+  kind, typ, rest = op
+  if kind == 'fusion':
+    return _fusion(comps, ops, name, op)
+  operands = list(dict.fromkeys(_operands(rest)))
+  sizes = [sum(_nbytes(ops[o][1])) for o in operands if o in ops]
+  outs = _nbytes(typ)
+  target = ''
+  if kind == 'custom-call':
+    target = re.search(r'custom_call_target="([^"]*)"', rest).group(1)
+    if len(outs) > 1 and re.match(r'\(.*[su]8\[\d+\]\{?0?\}?\)$', typ.strip()):
+      outs = outs[:-1]  # The library's scratch workspace.
+    kind = ('gemm' if 'gemm' in target or 'matmul' in target.lower() else
+            'attention' if 'fmha' in target or 'cudnn' in target else
+            'pallas' if 'triton' in target else 'custom-call')
+  if kind == 'dynamic-update-slice':  # In place: reads and writes the update.
+    update = sizes[1] if len(sizes) > 1 else 0
+    return Kernel(name, 'update', update, update, ((update, True),))
+  if kind == 'copy-start':
+    kind, outs = 'copy', outs[:1]
+  return Kernel(name, kind, sum(sizes), sum(outs),
+                tuple((b, False) for b in outs), target)
+
+
+def _computation_kernels(comps: dict, comp: str) -> list[Kernel]:
+  """Kernels of a computation in schedule order, called computations inlined."""
+  ops = comps.get(comp, {})
+  out = []
+  for name, op in ops.items():
+    kind, _, rest = op
+    if name == 'ROOT' or kind in _NO_KERNEL:
+      continue
+    if kind in _CALLS:
+      attrs = rest.split(')', 1)[1] if kind == 'conditional' else rest
+      if kind == 'conditional':
+        attrs = ' '.join(re.findall(r'(?:branch_computations=\{[^}]*\}|'
+                                    r'(?:true|false)_computation=%[\w.\-]+)', attrs))
+      for called in re.findall(_CALLS[kind], attrs):
+        out += _computation_kernels(comps, called)
+      continue
+    out.append(_kernel(comps, ops, name, op))
+  return out
+
+
+def loop_kernels(hlo_text: str) -> list[list[Kernel]]:
+  """The kernels of one iteration of each while loop: its body and condition."""
+  comps = _parse_hlo(hlo_text)
+  loops = re.findall(r'condition=%([\w.\-]+), body=%([\w.\-]+)', hlo_text)
+  loops += [(c, b) for b, c in re.findall(r'body=%([\w.\-]+), condition=%([\w.\-]+)',
+                                          hlo_text)]
+  return [_computation_kernels(comps, body) + _computation_kernels(comps, cond)
+          for cond, body in dict.fromkeys(loops)]
+
+
+def entry_kernels(hlo_text: str) -> list[Kernel]:
+  """The kernels of the entry computation that run once per call, outside loops."""
+  comps = _parse_hlo(hlo_text)
+  entry = re.search(r'^ENTRY %([\w.\-]+)', hlo_text, re.M).group(1)
+  ops = comps.get(entry, {})
+  return [_kernel(comps, ops, n, op) for n, op in ops.items()
+          if n != 'ROOT' and op[0] not in _NO_KERNEL and op[0] not in _CALLS]
+
+
+def step_counts(hlo_text: str, leaf_bytes: int, floor: float | None = None,
+                reorder_arrays: int = 0) -> dict[str, Any]:
+  """One step's kernels, bytes and cache-sized copies, from compiled HLO text.
+
+  The step is the while-loop body (plus its condition) that moves the most
+  bytes; a program without a loop (encoder, train step) is its entry
+  computation. A cache copy is an array at least as large as one cache
+  leaf (`leaf_bytes`) that a kernel computing nothing writes other than in
+  place (`Kernel.copies`); the first `reorder_arrays` of them are the
+  beam reorder's own (it writes every self K/V leaf once), not counted.
+  """
+  loops = loop_kernels(hlo_text)
+  entry = entry_kernels(hlo_text)
+  step = max(loops, key=lambda k: sum(x.read + x.written for x in k)) if loops else entry
+  moved = sum(k.read + k.written for k in step)
+  by_kind: dict[str, int] = {}
+  for k in step:
+    by_kind[k.kind] = by_kind.get(k.kind, 0) + 1
+  copies = [b for k in step for b in k.copies(leaf_bytes)]
+  entry_copies = [b for k in entry for b in k.copies(leaf_bytes)]
+  return dict(
+      loops=len(loops),
+      kernels_per_step=len(step),
+      kernels_by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+      bytes_read_per_step=sum(k.read for k in step),
+      bytes_written_per_step=sum(k.written for k in step),
+      bytes_moved_per_step=moved,
+      floor_bytes_per_step=floor,
+      bytes_over_floor=moved / floor if floor else None,
+      cache_copies_per_step=max(0, len(copies) - reorder_arrays),
+      cache_copy_bytes_per_step=max(0, sum(copies) - reorder_arrays * leaf_bytes),
+      cache_copies_per_call=len(entry_copies),
+      custom_calls=sorted({k.target for k in step + entry if k.target}),
+      kernels=[dataclasses.asdict(k) for k in step],
+  )

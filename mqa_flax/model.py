@@ -104,10 +104,10 @@ class EncoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, dt = cfg.d_model, cfg.compute_dtype
     self.rate = cfg.dropout_rate
-    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.ln1 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.attn = Attention(d, cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim,
                           dt, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.ffn = FeedForward(d, cfg.d_ff, dt, rngs=rngs)
 
   def __call__(self, x_BSD: jax.Array, mask_BSS: jax.Array,
@@ -125,11 +125,11 @@ class DecoderLayer(nnx.Module):
     d, dt = cfg.d_model, cfg.compute_dtype
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.rate = cfg.dropout_rate
-    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.ln1 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.self_attn = Attention(d, n, k, h, dt, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.cross_attn = Attention(d, n, k, h, dt, rngs=rngs)
-    self.ln3 = nnx.LayerNorm(d, rngs=rngs)
+    self.ln3 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.ffn = FeedForward(d, cfg.d_ff, dt, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array, encoded_BSD: jax.Array,
@@ -191,10 +191,10 @@ class Transformer(nnx.Module):
       self.tgt_pos = nnx.Param(_normal(1.0)(rngs.params(), (cfg.max_len, d)))
     self.encoder = nnx.List(
         [EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_encoder_layers)])
-    self.encoder_ln = nnx.LayerNorm(d, rngs=rngs)
+    self.encoder_ln = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.decoder = nnx.List(
         [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_decoder_layers)])
-    self.decoder_ln = nnx.LayerNorm(d, rngs=rngs)
+    self.decoder_ln = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
 
   def _embed(self, ids_BT: jax.Array, positions_BT: jax.Array,
              side: str) -> jax.Array:

@@ -124,7 +124,7 @@ def greedy_decoder_traffic(k: int, layout: str, beams: int = 1) -> dict:
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)),
                                nnx.Param)
   inputs = jnp.ones((b, s), jnp.int32)
-  cache = jax.eval_shape(lambda p: benchmark._encode(graphdef, p, inputs, t,
+  cache = jax.eval_shape(lambda p: benchmark.encode_cache(graphdef, p, inputs, t,
                                                       beams), params)
   leaf = min(x.size * x.dtype.itemsize for layer in cache['layers']
              for x in layer.values())

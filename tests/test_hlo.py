@@ -54,3 +54,40 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
 """
   assert hlo.loop_traffic(text, 128) == {'dynamic-update-slice': 128,
                                          'transpose': 128}
+
+
+def test_loop_kernels_count_an_in_place_update_by_its_update():
+  leaf = B * T * 8 * 4
+  [step] = hlo.loop_kernels(_toy_loop(keep_old=False))
+  updates = [k for k in step if k.kind == 'update']
+  assert updates and all(k.written == B * 8 * 4 for k in updates), step
+  assert not [b for k in step for b in k.copies(leaf)], step
+  [step] = hlo.loop_kernels(_toy_loop(keep_old=True))
+  assert sum(b for k in step for b in k.copies(leaf)) >= leaf, step
+
+
+def test_kernel_reads_only_the_slice_a_fusion_takes():
+  text = """HloModule m
+%fused_slice (p: f32[64,8]) -> f32[1,8] {
+  %p = f32[64,8]{1,0} parameter(0)
+  ROOT %s = f32[1,8]{1,0} slice(%p), slice={[3:4], [0:8]}
+}
+%body (t: (f32[64,8])) -> (f32[64,8]) {
+  %t = (f32[64,8]{1,0}) parameter(0)
+  %x = f32[64,8]{1,0} get-tuple-element(%t), index=0
+  %f = f32[1,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_slice
+  ROOT %r = (f32[64,8]{1,0}) tuple(%x)
+}
+%cond (t: (f32[64,8])) -> pred[] {
+  %t = (f32[64,8]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+ENTRY %main (a: f32[64,8]) -> (f32[64,8]) {
+  %a = f32[64,8]{1,0} parameter(0)
+  %t = (f32[64,8]{1,0}) tuple(%a)
+  ROOT %w = (f32[64,8]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+  [[kernel]] = hlo.loop_kernels(text)
+  assert (kernel.kind, kernel.read, kernel.written) == ('slice', 32, 32)
+  assert hlo.entry_kernels(text) == []

@@ -1,0 +1,301 @@
+"""The GPU program of a decode loop, encoder or train step, seen from a CPU.
+
+  python -m mqa_flax.gpu_program --config=configs/paper.py:mqa --target=h200 \
+      --program=greedy [--cache=padded --layout=BLKH --impl=xla] \
+      [--batch=1024 --src_len=128 --tgt_len=128 --beam_size=4] [--kernels] [--json]
+
+XLA compiles for a GPU it does not have ("deviceless" ahead-of-time
+compilation): `jax.experimental.topologies` describes an H100 or H200 by its
+`GpuTargetConfig` (TARGETS), every input is a `jax.ShapeDtypeStruct` placed on
+that one-device topology, and `jit(f).lower(...).compile()` gives the
+program the GPU would run. It needs the `gpu-aot` extra (the CUDA plugin,
+ptxas, cuDNN); `available()` says whether it is there. The fusions, kernel
+counts, copies, in-place updates and bytes are what a GPU would run; GEMM
+autotuning is off without a device, so GEMM backends and timings are not.
+
+`program_report` reads the compiled HLO (`hlo.step_counts`): for one step of
+the loop (the while-loop body with the most bytes, plus its condition) the
+kernels by kind, the bytes each reads and writes (see `hlo.kernels` and
+docs/perf.md for the measure), the cache-sized arrays written other than in
+place, the custom calls, and all bytes moved over the memory floor's
+(`costs.analyze`). The benchmark records the same counts (`hlo.step_counts`)
+from the program it times, so prediction and measurement sit side by side.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from mqa_flax import attention
+from mqa_flax import benchmark
+from mqa_flax import costs
+from mqa_flax import errors
+from mqa_flax import hlo
+from mqa_flax import state as state_lib
+from mqa_flax.config import ATTENTION_IMPLS, CACHE_LAYOUTS, ModelConfig
+from mqa_flax.model import abstract_model
+
+PROGRAMS = ('greedy', 'beam', 'encoder', 'train')
+# GpuTargetConfig text (xla/stream_executor/device_description.proto) of the
+# SXM parts: 132 SMs of compute capability 9.0 with 228 KiB of shared memory
+# each, 50 MiB of L2; they differ in memory (80 GB at 3.35 TB/s against
+# 141 GB at 4.8 TB/s). The cuDNN version only gates which fused attention
+# XLA may call.
+_TARGET_TEXT = """gpu_device_info {{
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
+device_description_str: "{name}"
+"""
+TARGETS = {
+    'h100': _TARGET_TEXT.format(bandwidth=3_350_000_000_000,
+                                memory=85_520_809_984, name='NVIDIA H100 80GB HBM3'),
+    'h200': _TARGET_TEXT.format(bandwidth=4_800_000_000_000,
+                                memory=150_110_011_392, name='NVIDIA H200'),
+}
+
+
+def available() -> bool:
+  """Whether the CUDA plugin that compiles for a GPU without one is installed."""
+  try:
+    import jax_plugins.xla_cuda12  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+@functools.cache
+def target_sharding(target: str) -> jax.sharding.NamedSharding:
+  """A replicated sharding on the one-GPU topology that `target` describes."""
+  if target not in TARGETS:
+    raise ValueError(f'target={target!r}; expected one of {tuple(TARGETS)}')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  topo = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
+                                      target_config=TARGETS[target])
+  mesh = topologies.make_mesh(topo, (1,), ('d',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One program to compile: what, for which model, at which shape."""
+
+  program: str  # One of PROGRAMS.
+  batch: int = 1024  # Sentences (greedy, beam, encoder) or train rows.
+  src_len: int = 128
+  tgt_len: int = 128  # Also the train sequence length.
+  beam_size: int = 4  # Beam programs only.
+  cache: str = 'padded'  # Decode loops: 'padded' or 'growing'.
+  chunk: int = 16  # Steps per loop of the growing cache.
+
+  def __post_init__(self):
+    if self.program not in PROGRAMS:
+      raise ValueError(f'program={self.program!r}; expected one of {PROGRAMS}')
+    if self.cache not in benchmark.CACHE_MODES:
+      raise ValueError(f'cache={self.cache!r}; expected one of '
+                       f'{benchmark.CACHE_MODES}')
+    for name in ('batch', 'src_len', 'tgt_len', 'beam_size', 'chunk'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{name}={getattr(self, name)} must be positive')
+
+  @property
+  def beams(self) -> int:
+    """Beams per sentence: 1 for everything but beam search."""
+    return self.beam_size if self.program == 'beam' else 1
+
+
+def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def lower(cfg: ModelConfig, p: Program, sharding: jax.sharding.Sharding
+          ) -> tuple[jax.stages.Lowered, int]:
+  """The benchmark's function for `p`, lowered on abstract inputs placed by
+  `sharding`, and the bytes of the smallest self-attention K/V cache leaf
+  (0 without a cache).
+
+  Decode loops donate their cache, as the benchmark's do.
+  """
+  with attention.compiling_for_gpu():
+    return _lower(cfg, p, sharding)
+
+
+def _lower(cfg: ModelConfig, p: Program, sharding: jax.sharding.Sharding
+           ) -> tuple[jax.stages.Lowered, int]:
+  graphdef, params = abstract_model(cfg)
+  if p.program == 'train':
+    params = _abstract(params, sharding)
+    tx = state_lib.make_optimizer(ml_collections.ConfigDict(benchmark.ADAMW), 1)
+    state = state_lib.TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding), params,
+        _abstract(jax.eval_shape(tx.init, params), sharding))
+    ids = jax.ShapeDtypeStruct((p.batch, p.tgt_len), jnp.int32)
+    batch = _abstract(jax.eval_shape(benchmark.train_batch, ids), sharding)
+    rng = _abstract(jax.eval_shape(jax.random.key, 0), sharding)
+    fn = jax.jit(benchmark.train_fn(graphdef, tx), donate_argnums=0)
+    return fn.lower(state, batch, rng), 0
+  # Inference runs on weights cast to the compute dtype, as the benchmark's.
+  params = _abstract(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype), params), sharding)
+  inputs = jax.ShapeDtypeStruct((p.batch, p.src_len), jnp.int32, sharding=sharding)
+  if p.program == 'encoder':
+    return jax.jit(benchmark.encoder_fn(graphdef, p.tgt_len)).lower(params, inputs), 0
+  make_cache = functools.partial(benchmark.encode_cache, graphdef, max_len=p.tgt_len,
+                                 beam_size=p.beams)
+  cache = _abstract(jax.eval_shape(make_cache, params, inputs), sharding)
+  leaf = min(math.prod(c[n].shape) * c[n].dtype.itemsize for c in cache['layers']
+             for n in ('k', 'v'))
+  fn = benchmark.decode_fn(graphdef, p.batch, p.beams, p.tgt_len,
+                           p.chunk if p.cache == 'growing' else None)
+  return jax.jit(fn, donate_argnums=benchmark.DECODE_DONATE).lower(params, cache), leaf
+
+
+def compile_text(cfg: ModelConfig, p: Program, target: str) -> tuple[str, int]:
+  """Compiled HLO text of `p` for `target` (see `lower`), and the cache leaf bytes."""
+  lowered, leaf = lower(cfg, p, target_sharding(target))
+  return lowered.compile().as_text(), leaf
+
+
+def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
+  """Bytes one decode step must move (`costs.analyze`, beams' reorder included)."""
+  if p.program not in ('greedy', 'beam'):
+    return None
+  stats = costs.analyze(cfg, p.batch, p.src_len, p.tgt_len, p.beams)
+  return (stats[f'decode_bytes_per_step_{p.cache}'] +
+          stats[f'decode_reorder_bytes_per_step_{p.cache}'])
+
+
+def program_report(cfg: ModelConfig, p: Program, target: str) -> dict[str, Any]:
+  """Compiles `p` for `target` and counts one step of it (`hlo.step_counts`)."""
+  text, leaf = compile_text(cfg, p, target)
+  # The padded reorder gathers every self K/V leaf whole; the growing one
+  # updates their first positions in place.
+  reorder = (2 * cfg.num_decoder_layers
+             if p.program == 'beam' and p.cache == 'padded' else 0)
+  return dict(target=target, **dataclasses.asdict(p), beams=p.beams,
+              attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
+              num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+              dtype=cfg.dtype, cache_leaf_bytes=leaf,
+              **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder))
+
+
+def format_report(r: dict[str, Any], kernels: bool = False) -> str:
+  """The report as aligned text lines; every kernel's line with `kernels`."""
+  def mb(x):
+    return f'{x / 1e6:,.1f} MB' if x >= 1e5 else f'{x / 1e3:,.1f} kB'
+  what = (f"{r['program']} (beam {r['beams']})" if r['program'] == 'beam'
+          else r['program'])
+  decoding = r['program'] in ('greedy', 'beam')
+  lines = [
+      f"{what} on {r['target']}: K={r['num_kv_heads']} N={r['num_heads']} "
+      f"{r['dtype']} batch {r['batch']} " + (
+          f"src {r['src_len']} tgt {r['tgt_len']} cache {r['cache']} "
+          f"{r['cache_layout']} attention {r['attention_impl']}" if decoding
+          else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']}"),
+      f"loops {r['loops']}; one step (loop body + condition, or the whole "
+      f"program without a loop):",
+      f"  kernels            {r['kernels_per_step']}: " + ', '.join(
+          f'{n} {k}' for k, n in r['kernels_by_kind'].items()),
+      f"  bytes read         {mb(r['bytes_read_per_step'])}",
+      f"  bytes written      {mb(r['bytes_written_per_step'])}",
+      f"  bytes moved        {mb(r['bytes_moved_per_step'])}",
+  ]
+  if r['floor_bytes_per_step']:
+    lines.append(f"  memory floor       {mb(r['floor_bytes_per_step'])} "
+                 f"(moved / floor = {r['bytes_over_floor']:.2f})")
+  if r['cache_leaf_bytes']:
+    lines.append(
+        f"  cache copies       {r['cache_copies_per_step']} per step "
+        f"({mb(r['cache_copy_bytes_per_step'])} beyond the beam reorder's own; "
+        f"arrays >= {mb(r['cache_leaf_bytes'])}), "
+        f"{r['cache_copies_per_call']} per call outside the loop")
+  lines.append('  custom calls       ' + (', '.join(r['custom_calls']) or 'none'))
+  if kernels:
+    lines.append(f"  {'kernel':<48} {'kind':<12} {'read':>12} {'written':>12}")
+    for k in r['kernels']:
+      lines.append(f"  {k['name'][:48]:<48} {k['kind']:<12} {mb(k['read']):>12} "
+                   f"{mb(k['written']):>12}")
+  return '\n'.join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                          lock_config=True)
+_TARGET = flags.DEFINE_enum('target', 'h200', list(TARGETS), 'GPU to compile for.')
+_PROGRAM = flags.DEFINE_enum('program', 'greedy', list(PROGRAMS), 'What to compile.')
+_CACHE = flags.DEFINE_enum('cache', 'padded', list(benchmark.CACHE_MODES),
+                           'Decode cache mode.')
+_IMPL = flags.DEFINE_enum('impl', None, list(ATTENTION_IMPLS),
+                          'Decode attention (default: the config\'s).')
+_LAYOUT = flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
+                            'Cache layout (default: the config\'s).')
+_BATCH = flags.DEFINE_integer('batch', None, 'Sentences (default 1024, beam 256, '
+                              'train 128).')
+_SRC_LEN = flags.DEFINE_integer('src_len', 128, 'Source length.')
+_TGT_LEN = flags.DEFINE_integer('tgt_len', 128, 'Target length (train: 256 '
+                                'unless given).')
+_BEAM = flags.DEFINE_integer('beam_size', 4, 'Beams per sentence (beam only).')
+_CHUNK = flags.DEFINE_integer('chunk', 16, 'Steps per loop, growing cache.')
+_KERNELS = flags.DEFINE_bool('kernels', False, 'List every kernel of the step.')
+_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of text.')
+flags.mark_flags_as_required(['config'])
+_DEFAULT_BATCH = dict(greedy=1024, beam=256, encoder=1024, train=128)
+
+
+def main(argv):
+  del argv
+  if not available():
+    raise errors.UserError('compiling for a GPU without one needs the CUDA '
+                           "plugin: pip install -e '.[gpu-aot]'")
+  config = _CONFIG.value
+  cfg = ModelConfig.from_config(config.model, config.data.vocab_size, config.decode)
+  cfg = dataclasses.replace(cfg, attention_impl=_IMPL.value or cfg.attention_impl,
+                            cache_layout=_LAYOUT.value or cfg.cache_layout)
+  program = _PROGRAM.value
+  tgt_len = _TGT_LEN.value
+  if program == 'train' and not flags.FLAGS['tgt_len'].present:
+    tgt_len = 256
+  batch = _DEFAULT_BATCH[program] if _BATCH.value is None else _BATCH.value
+  try:  # A bad shape, or an implementation the layout does not allow.
+    p = Program(program, batch=batch, src_len=_SRC_LEN.value, tgt_len=tgt_len,
+                beam_size=_BEAM.value, cache=_CACHE.value, chunk=_CHUNK.value)
+    report = program_report(cfg, p, _TARGET.value)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from e
+  report = dict(variant=config.variant, **report)
+  if _JSON.value:
+    print(json.dumps(report, indent=1))
+  else:
+    print(format_report(report, _KERNELS.value))
+
+
+if __name__ == '__main__':
+  # Compile for the described GPU; run nothing on any device but the CPU.
+  jax.config.update('jax_platforms', 'cpu')
+  errors.run(main)
