@@ -221,17 +221,17 @@ def main(argv):
   del argv
   check_one_process()
   logging.info('JAX %s on %s', jax.__version__, jax.devices()[0].device_kind)
-  if _MODE.value == 'benchmark':
-    benchmark_mode()
-  elif not _WORKDIR.value:
+  if _MODE.value != 'benchmark' and not _WORKDIR.value:
     raise app.UsageError(f'--mode={_MODE.value} needs --workdir')
-  else:
-    # Signals stop the work between batches, never inside a device computation.
-    with errors.stop_between_steps():
-      if _MODE.value == 'bleu':
-        bleu_mode(_WORKDIR.value)
-      else:
-        translate_mode(_WORKDIR.value)
+  # Signals stop the work between batches (benchmark: rows), never inside a
+  # device computation.
+  with errors.stop_between_steps():
+    if _MODE.value == 'benchmark':
+      benchmark_mode()
+    elif _MODE.value == 'bleu':
+      bleu_mode(_WORKDIR.value)
+    else:
+      translate_mode(_WORKDIR.value)
 
 
 if __name__ == '__main__':

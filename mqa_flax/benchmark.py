@@ -57,6 +57,7 @@ from flax import nnx
 
 from mqa_flax import costs
 from mqa_flax import decoding
+from mqa_flax import errors
 from mqa_flax import hlo
 from mqa_flax import state as state_lib
 from mqa_flax import steps
@@ -302,7 +303,8 @@ def run(variants: dict[str, ModelConfig], *,
       for each, in this order (default: the variant's own). The encoder is
       timed with the first, training with its own config ('xla').
     emit: called with each row as soon as it is measured (e.g.
-      `metrics.jsonl_appender`).
+      `metrics.jsonl_appender`). Inside `errors.stop_between_steps`, a
+      signal stops the run after the row being measured.
       A row that fails to compile or run becomes an error row (field `error`,
       us_per_token None) and the others go on.
     opt_config: `config.opt` for `state.make_optimizer`; default AdamW.
@@ -347,6 +349,7 @@ def run(variants: dict[str, ModelConfig], *,
       rows.append(row)
       if emit:
         emit(row)
+      errors.check_stop(f'after {len(rows)} benchmark rows of this batch')
 
     def decoder_row(b, beams, mode, impl, layout):
       cfg = dataclasses.replace(base_cfg, attention_impl=impl,

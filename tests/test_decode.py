@@ -36,7 +36,7 @@ def test_bleu_and_translate_modes(trained):
   entry = json.load(open(os.path.join(trained, 'bleu.json')))['test/beam2']
   assert entry['checkpoint_step'] == 20 and entry['num_sentences'] == 16
   assert 'tok:intl' in entry['signature_intl']
-  assert entry['command'].startswith(os.path.join(ROOT, 'decode.py') + ' --workdir=')
+  assert entry['command'].startswith('python decode.py --workdir=')  # As typed.
   assert entry['device'] == 'cpu' and entry['date'].startswith('20')
   assert 'git_commit' in entry  # None outside a git checkout.
   hyps = open(os.path.join(trained, 'hyps', 'test.beam2.txt')).read().splitlines()

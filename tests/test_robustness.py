@@ -624,6 +624,29 @@ def test_repeated_signals_stop_a_decode_with_exit_3(trained, tmp_path, signum):
   assert not os.path.exists(os.path.join(workdir, 'bleu.json'))
 
 
+def test_signals_stop_a_benchmark_after_its_row_with_exit_3(tmp_path):
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'decode.py'), '--mode=benchmark',
+       '--config=configs/paper.py:mha,tiny', '--variants=mha,mqa', f'--out={tmp_path}',
+       '--bench_batch=1,2,3,4,5,6', '--bench_src_len=8', '--bench_tgt_len=8',
+       '--bench_reps=1', '--bench_kinds=encoder,greedy'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+  rows = tmp_path / 'benchmark.jsonl'
+  deadline = time.time() + 240
+  while not (rows.exists() and rows.stat().st_size) and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.05)
+  for _ in range(3):
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+  _, err = proc.communicate(timeout=120)
+  err = err.decode()
+  assert proc.returncode == errors.EXIT_STOPPED, err[-3000:]
+  assert 'stopped by signal 15 after' in err and 'Traceback' not in err, err[-3000:]
+  kept = [json.loads(line) for line in rows.read_text().splitlines()]
+  assert 1 <= len(kept) < 2 * 2 * 6  # Whole rows only, and not all of them.
+
+
 def _can_mount_tmpfs():
   return shutil.which('unshare') and subprocess.run(
       ['unshare', '-Urm', 'sh', '-c', 'mount -t tmpfs -o size=1M tmpfs /mnt'],
