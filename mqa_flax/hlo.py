@@ -239,8 +239,9 @@ def _fusion(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
       continue
     part = 0
     for _, user_op, pos in _users(fused, param):
-      if user_op[0] == 'dynamic-update-slice' and pos == 0:
-        continue  # The buffer updated in place.
+      if (user_op[0] == 'dynamic-update-slice' and pos == 0 and
+          any(user_op is r for r in roots)):
+        continue  # The buffer updated in place (a result; else read whole).
       part += sum(_nbytes(user_op[1])) if user_op[0] in _READ_PART and pos == 0 else full
     read += min(full, part)
   return Kernel(name, _fusion_kind(fused, roots, rest, name), read,
