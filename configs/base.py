@@ -77,5 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dc.overlong = 'truncate'  # Inputs over data.max_eval_len: 'truncate' or 'error'.
   # How a decode step computes (same results; compare with --mode=benchmark):
   dc.attention_impl = 'xla'  # 'xla' (einsums), 'cudnn' (GPU) or 'pallas' kernel.
-  dc.cache_layout = 'BLKH'  # K/V cache arrays [B, L, K, H] or 'BKLH' [B, K, L, H].
+  # K/V cache arrays 'BKLH' [B, K, L, H] or 'BLKH' [B, L, K, H] ('cudnn' needs
+  # BLKH). BKLH: fewer kernels and bytes per step in the compiled GPU program
+  # (docs/perf.md, counted without a GPU); awaits a GPU timing to confirm.
+  dc.cache_layout = 'BKLH'
   return c

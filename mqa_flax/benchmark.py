@@ -212,14 +212,15 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
       fn, lambda _: (params, make_cache(params, inputs)), donate=DECODE_DONATE,
       **timing)
   text = compiled.as_text()
-  by_kind = hlo.loop_traffic(text, leaf)
+  steps = decoding.steps_per_loop(beams, chunk if mode == 'growing' else None)
+  by_kind = {k: v // steps for k, v in hlo.loop_traffic(text, leaf).items()}
   reorder = stats[f'decode_reorder_bytes_per_step_{mode}']  # 0 without beams.
   self_leaf = min(math.prod(c[n].shape) * c[n].dtype.itemsize
                   for c in shapes['layers'] for n in ('k', 'v'))
   counts = hlo.step_counts(text, self_leaf,
                            stats[f'decode_bytes_per_step_{mode}'] + reorder,
                            2 * cfg.num_decoder_layers
-                           if beams > 1 and mode == 'padded' else 0)
+                           if beams > 1 and mode == 'padded' else 0, steps)
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   return dict(
       kind=decoding.search_name(beams), cache=mode, batch=b,

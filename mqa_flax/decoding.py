@@ -1,10 +1,11 @@
 """Model-agnostic greedy and beam search over an incremental decoding callback.
 
 Both searches drive a callback `tokens_to_logits(ids, cache) -> (logits, cache)`
-that consumes one token per row and returns float32 logits [rows, V]. The first
-input token is 0 (pad, read by the model as BOS); outputs are padded with 0
-after EOS. Everything runs in one `lax.while_loop`, so both functions are pure
-and jit-able, and no step waits on the host.
+that consumes one token per row and returns logits [rows, V] (any float
+dtype; beam search scores in float32). The first input token is 0 (pad, read
+by the model as BOS); outputs are padded with 0 after EOS. Everything runs in
+one `lax.while_loop`, so both functions are pure and jit-able, and no step
+waits on the host.
 
 Beam search cache contract: the callback sees `batch_size * beam_size` rows,
 sentence-major (row = b * beam_size + m). Every cache leaf whose leading axis
@@ -144,6 +145,9 @@ class BeamState:
   finished_seqs: jax.Array  # [B, M, T] int32, ending in EOS.
   finished_scores: jax.Array  # [B, M] float32, length-penalised; -inf = empty.
   cache: Cache
+  # Second buffers of the per-beam cache leaves (`_reordered_leaves`), which
+  # a loop of two steps reorders into and back; () otherwise.
+  spare: tuple[jax.Array, ...] = ()
 
 
 def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -165,6 +169,26 @@ def gather_rows(cache: Cache, rows: jax.Array, upto: int | None = None) -> Cache
     return x[rows] if per_beam else x
 
   return jax.tree.map(gather, cache)
+
+
+def steps_per_loop(beam_size: int, chunk: int | None) -> int:
+  """Decode steps per iteration of `beam_search`'s (or greedy's) loop."""
+  return 2 if beam_size > 1 and chunk is None else 1
+
+
+def _reordered_leaves(reorder: Callable[..., Cache], cache: Cache,
+                      rows: int) -> list[bool]:
+  """Which leaves of `cache` `reorder` replaces (the per-beam ones), found by
+  tracing it once: a leaf it leaves alone comes back as the same object."""
+  found = []
+
+  def probe(c):
+    out = reorder(c, jnp.zeros((rows,), jnp.int32))
+    found.extend(o is not i for o, i in zip(jax.tree.leaves(out), jax.tree.leaves(c)))
+    return out
+
+  jax.eval_shape(probe, cache)
+  return found
 
 
 def beam_search(
@@ -221,6 +245,15 @@ def beam_search(
       loop, so that a model may read and reorder only the cache positions
       written so far. Same result.
     return_cache: also return the final cache, (sequences, scores, cache).
+
+  With more than one beam and no `chunk`, the loop runs two steps per
+  iteration over two buffers of every per-beam cache leaf: the first
+  step's reorder writes into the second buffer and the second's back into
+  the first, so that no reordered leaf is copied back into the loop's own
+  buffer (a gather cannot write over what it reads). The per-beam cache
+  takes twice its memory; an odd step count runs its first step before the
+  loop. The result is the same: a second step after the search is done
+  changes nothing (see above), and no step runs past max_len.
   """
   if max_lens is None:
     reachable_len = jnp.full((batch_size,), max_len, jnp.int32)
@@ -237,6 +270,22 @@ def beam_search(
     return keep_going
 
   def body(read_len: int | None, s: BeamState) -> BeamState:
+    s, rows = advance(read_len, s)
+    if rows is not None:
+      s = dataclasses.replace(s, cache=reorder(
+          s.cache, rows, **({} if read_len is None else {'upto': read_len})))
+    return s
+
+  def pair(s: BeamState) -> BeamState:  # Two steps, reordering A -> B -> A.
+    s, rows = advance(None, s)
+    s, rows = advance(None, dataclasses.replace(s, cache=reorder(s.cache, rows)))
+    spare = tuple(x for x, m in zip(jax.tree.leaves(s.cache), moved) if m)
+    return dataclasses.replace(s, cache=reorder(s.cache, rows), spare=spare)
+
+  def advance(read_len: int | None, s: BeamState
+              ) -> tuple[BeamState, jax.Array | None]:
+    """One step but the reorder: the new state (cache as the model left it)
+    and the rows [B*M] the cache must take (None with one beam)."""
     last = s.alive_seqs[:, :, jnp.maximum(s.step - 1, 0)]
     ids = jnp.where(s.step == 0, 0, last)  # [B, M]
     bound = {} if read_len is None else {'read_len': read_len}
@@ -261,11 +310,10 @@ def beam_search(
     alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_logp),
                                      beam_size)  # [B, M]
     alive_seqs = _gather_beams(top_seqs, keep)  # --> [B, M, T]
+    rows = None
     if beam_size > 1:  # With one beam the gather is the identity.
       parent = _gather_beams(top_beam, keep)  # [B, M]
-      rows = jnp.arange(batch_size)[:, None] * beam_size + parent
-      cache = reorder(cache, rows.reshape(-1),
-                      **({} if read_len is None else {'upto': read_len}))
+      rows = (jnp.arange(batch_size)[:, None] * beam_size + parent).reshape(-1)
 
     # EOS extensions within the top 2M join the finished set, which keeps M.
     penalty = length_penalty((s.step + 1).astype(jnp.float32), alpha)
@@ -276,7 +324,7 @@ def beam_search(
     finished_seqs = _gather_beams(all_seqs, keep)  # --> [B, M, T]
 
     return BeamState(s.step + 1, alive_seqs, alive_logp, finished_seqs,
-                     finished_scores, cache)
+                     finished_scores, cache, s.spare), rows
 
   # Only beam 0 is live at first, so the M identical beams don't repeat.
   alive_logp = jnp.full((batch_size, beam_size), -jnp.inf, jnp.float32)
@@ -289,10 +337,19 @@ def beam_search(
       cache=cache,
   )
   s = init
-  for start in range(0, max_len, chunk or max_len):
-    end = min(start + (chunk or max_len), max_len)
-    s = jax.lax.while_loop(functools.partial(cond, end),
-                           functools.partial(body, end if chunk else None), s)
+  if steps_per_loop(beam_size, chunk) == 2:
+    moved = _reordered_leaves(reorder, cache, batch_size * beam_size)
+    if max_len % 2:
+      s = body(None, s)  # Step 0 always runs: no sentence is done before it.
+    spare = tuple(jnp.zeros_like(x) for x, m in zip(jax.tree.leaves(cache), moved) if m)
+    s = jax.lax.while_loop(lambda s: cond(max_len - 1, s), pair,
+                           dataclasses.replace(s, spare=spare))
+    s = dataclasses.replace(s, spare=())
+  else:
+    for start in range(0, max_len, chunk or max_len):
+      end = min(start + (chunk or max_len), max_len)
+      s = jax.lax.while_loop(functools.partial(cond, end),
+                             functools.partial(body, end if chunk else None), s)
 
   any_finished = s.finished_scores[:, 0] > -jnp.inf  # [B]
   alive_scores = s.alive_logp / length_penalty(jnp.float32(max_len), alpha)

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from mqa_flax import attention
 from mqa_flax import benchmark
 from mqa_flax import costs
+from mqa_flax import decoding
 from mqa_flax import errors
 from mqa_flax import hlo
 from mqa_flax import state as state_lib
@@ -203,7 +204,9 @@ def program_report(cfg: ModelConfig, p: Program, target: str) -> dict[str, Any]:
               attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
               num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
               dtype=cfg.dtype, cache_leaf_bytes=leaf,
-              **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder))
+              **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
+                                decoding.steps_per_loop(
+                                    p.beams, p.chunk if p.cache == 'growing' else None)))
 
 
 def format_report(r: dict[str, Any], kernels: bool = False) -> str:
@@ -219,8 +222,9 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
           f"src {r['src_len']} tgt {r['tgt_len']} cache {r['cache']} "
           f"{r['cache_layout']} attention {r['attention_impl']}" if decoding
           else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']}"),
-      f"loops {r['loops']}; one step (loop body + condition, or the whole "
-      f"program without a loop):",
+      f"loops {r['loops']}; one step (loop body + condition"
+      + (f" / {r['steps_per_loop']} steps it runs" if r['steps_per_loop'] > 1 else '')
+      + ", or the whole program without a loop):",
       f"  kernels            {r['kernels_per_step']}: " + ', '.join(
           f'{n} {k}' for k, n in r['kernels_by_kind'].items()),
       f"  bytes read         {mb(r['bytes_read_per_step'])}",

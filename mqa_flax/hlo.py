@@ -239,8 +239,9 @@ def _fusion(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
       continue
     part = 0
     for _, user_op, pos in _users(fused, param):
-      if user_op[0] == 'dynamic-update-slice' and pos == 0:
-        continue  # The buffer updated in place.
+      if (user_op[0] == 'dynamic-update-slice' and pos == 0 and
+          any(user_op is r for r in roots)):
+        continue  # The buffer updated in place (a result; else read whole).
       part += sum(_nbytes(user_op[1])) if user_op[0] in _READ_PART and pos == 0 else full
     read += min(full, part)
   return Kernel(name, _fusion_kind(fused, roots, rest, name), read,
@@ -312,36 +313,47 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
 
 
 def step_counts(hlo_text: str, leaf_bytes: int, floor: float | None = None,
-                reorder_arrays: int = 0) -> dict[str, Any]:
+                reorder_arrays: int = 0, steps_per_loop: int = 1) -> dict[str, Any]:
   """One step's kernels, bytes and cache-sized copies, from compiled HLO text.
 
   The step is the while-loop body (plus its condition) that moves the most
-  bytes; a program without a loop (encoder, train step) is its entry
-  computation. A cache copy is an array at least as large as one cache
-  leaf (`leaf_bytes`) that a kernel computing nothing writes other than in
-  place (`Kernel.copies`); the first `reorder_arrays` of them are the
-  beam reorder's own (it writes every self K/V leaf once), not counted.
+  bytes, divided by the `steps_per_loop` decode steps it runs (beam
+  search's loop of two steps: `decoding.steps_per_loop`); a program
+  without a loop (encoder, train step) is its entry computation. A cache
+  copy is an array at least as large as one cache leaf (`leaf_bytes`) that
+  a kernel computing nothing writes other than in place (`Kernel.copies`);
+  the first `reorder_arrays` of them per step are the beam reorder's own
+  (it writes every self K/V leaf once), not counted. `kernels` lists the
+  whole loop body.
   """
   loops = loop_kernels(hlo_text)
   entry = entry_kernels(hlo_text)
   step = max(loops, key=lambda k: sum(x.read + x.written for x in k)) if loops else entry
+  n = steps_per_loop if loops else 1
+
+  def per_step(x):  # Whole when the loop's count divides.
+    return x // n if x % n == 0 else x / n
+
   moved = sum(k.read + k.written for k in step)
   by_kind: dict[str, int] = {}
   for k in step:
     by_kind[k.kind] = by_kind.get(k.kind, 0) + 1
   copies = [b for k in step for b in k.copies(leaf_bytes)]
   entry_copies = [b for k in entry for b in k.copies(leaf_bytes)]
+  own = reorder_arrays * n
   return dict(
       loops=len(loops),
-      kernels_per_step=len(step),
-      kernels_by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-      bytes_read_per_step=sum(k.read for k in step),
-      bytes_written_per_step=sum(k.written for k in step),
-      bytes_moved_per_step=moved,
+      steps_per_loop=n,
+      kernels_per_step=per_step(len(step)),
+      kernels_by_kind={kind: per_step(c) for kind, c in
+                       sorted(by_kind.items(), key=lambda kv: -kv[1])},
+      bytes_read_per_step=per_step(sum(k.read for k in step)),
+      bytes_written_per_step=per_step(sum(k.written for k in step)),
+      bytes_moved_per_step=per_step(moved),
       floor_bytes_per_step=floor,
-      bytes_over_floor=moved / floor if floor else None,
-      cache_copies_per_step=max(0, len(copies) - reorder_arrays),
-      cache_copy_bytes_per_step=max(0, sum(copies) - reorder_arrays * leaf_bytes),
+      bytes_over_floor=moved / n / floor if floor else None,
+      cache_copies_per_step=per_step(max(0, len(copies) - own)),
+      cache_copy_bytes_per_step=per_step(max(0, sum(copies) - own * leaf_bytes)),
       cache_copies_per_call=len(entry_copies),
       custom_calls=sorted({k.target for k in step + entry if k.target}),
       kernels=[dataclasses.asdict(k) for k in step],

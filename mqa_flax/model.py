@@ -208,12 +208,15 @@ class Transformer(nnx.Module):
       table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
     return x_BTD + table[positions_BT]
 
-  def logits(self, x_BTD: jax.Array) -> jax.Array:
-    """Output logits from the tied embedding, float32 [B, T, V]."""
+  def logits(self, x_BTD: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Output logits from the tied embedding, [B, T, V] in `dtype`.
+
+    The matmul runs in the compute dtype and accumulates in float32;
+    `dtype` is only what it writes (training's loss reads float32).
+    """
     dt = self.cfg.compute_dtype
     return jnp.einsum('BTD,VD->BTV', x_BTD.astype(dt),
-                      self.embed[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+                      self.embed[...].astype(dt), preferred_element_type=dtype)
 
   def encode(self, inputs: jax.Array, inputs_segmentation: jax.Array | None = None,
              inputs_position: jax.Array | None = None,
@@ -313,7 +316,8 @@ class Transformer(nnx.Module):
 
   def decode_step(self, ids_B: jax.Array, cache: Cache,
                   read_len: int | None = None) -> tuple[jax.Array, Cache]:
-    """Logits [B, V] for the next token after `ids_B`, and the updated cache.
+    """Logits [B, V] (compute dtype) for the next token after `ids_B`, and the
+    updated cache.
 
     `read_len` (static) limits self-attention to the first `read_len` cache
     slots; it must exceed the current index.
@@ -338,7 +342,10 @@ class Transformer(nnx.Module):
                                       cross_mask_B1S, read_len, cfg.attention_impl,
                                       cfg.cache_layout)
       layers.append(layer_cache)
-    logits_BV = self.logits(self.decoder_ln(x_B1D))[:, 0]
+    # Logits in the compute dtype: with bf16 the step writes [B, V] bf16 and
+    # the search reads it (half the bytes of float32; greedy's argmax reads
+    # the rounded values, beam search casts them to float32).
+    logits_BV = self.logits(self.decoder_ln(x_B1D), cfg.compute_dtype)[:, 0]
     return logits_BV, dict(cache, index=index + 1, layers=layers)
 
 

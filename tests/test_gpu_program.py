@@ -6,6 +6,7 @@ copy is a cache copy.
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2
 # Kernels per decode step: per decoder layer, plus the embedding, logits,
 # search and loop condition. The goal (issue 21) is 16 per layer.
-PER_LAYER, FIXED = 24, {'greedy': 4, 'beam': 24}
+PER_LAYER, FIXED = 24, {'greedy': 4, 'beam': 20}
 
 
 @functools.cache
@@ -50,10 +51,15 @@ def test_decode_step_within_kernel_budget(program, k, layout):
       r['kernels_by_kind'])
 
 
-@pytest.mark.parametrize('program,k,layout', LOOPS)
+# Beam search with BLKH still transposes and copies K/V leaves for K < N/4.
+_BLKH_BEAM_COPIES = pytest.mark.xfail(
+    strict=True, reason='issue 21: BLKH beam steps copy K/V leaves (use BKLH)')
+
+
+@pytest.mark.parametrize('program,k,layout', [
+    pytest.param(*x, marks=_BLKH_BEAM_COPIES)
+    if x[0] == 'beam' and x[2] == 'BLKH' and x[1] < 8 else x for x in LOOPS])
 def test_no_cache_copy_in_the_loop(program, k, layout):
-  if program == 'beam':
-    pytest.xfail('issue 21: the beam step copies K/V leaves beside its reorder')
   r = _report(program, k, layout)
   assert r['cache_copies_per_step'] == 0, [
       (x['name'], x['kind']) for x in r['kernels'] if x['written'] >= r['cache_leaf_bytes']]
@@ -72,6 +78,14 @@ def test_decode_functions_donate_the_cache(program):
   # still transpose a leaf into the loop's layout: not a copy of kind copy.)
   entry = hlo.entry_kernels(lowered.compile().as_text())
   assert not [k.name for k in entry if k.kind == 'copy' and k.copies(leaf)]
+
+
+def test_beam_loop_runs_two_steps_over_two_buffers():
+  # Its reorders alternate between the two buffers: the report divides the
+  # loop body by its two steps.
+  r = _report('beam', 1, 'BKLH')
+  assert r['loops'] == 1 and r['steps_per_loop'] == 2
+  assert len(r['kernels']) == 2 * r['kernels_per_step']
 
 
 def test_growing_cache_loops_copy_no_cache():
@@ -106,6 +120,17 @@ def test_cli_user_error_is_one_line(flag):
   assert out.returncode == 2, out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'Traceback' not in out.stderr
+
+
+def test_cli_takes_the_configs_decode_section():
+  # configs/base.py's decode.cache_layout (BKLH) is not ModelConfig's default.
+  out = subprocess.run(
+      [sys.executable, '-m', 'mqa_flax.gpu_program', '--json', '--batch=4',
+       '--src_len=8', '--tgt_len=8', '--config=configs/paper.py:mqa,tiny',
+       '--config.decode.attention_impl=pallas'],
+      capture_output=True, text=True, cwd=ROOT, check=True)
+  r = json.loads(out.stdout)
+  assert (r['attention_impl'], r['cache_layout']) == ('pallas', 'BKLH')
 
 
 @pytest.mark.parametrize('program', ['greedy', 'beam'])

@@ -91,3 +91,36 @@ ENTRY %main (a: f32[64,8]) -> (f32[64,8]) {
   [[kernel]] = hlo.loop_kernels(text)
   assert (kernel.kind, kernel.read, kernel.written) == ('slice', 32, 32)
   assert hlo.entry_kernels(text) == []
+
+
+def test_kernel_reads_an_array_it_updates_and_then_reads():
+  # The update is not a result of the fusion: the reduce reads the whole
+  # updated array (a cache update fused into the attention that reads it).
+  text = """HloModule m
+%fused_read (p: f32[64,8], u: f32[1,8], i: s32[]) -> f32[64] {
+  %p = f32[64,8]{1,0} parameter(0)
+  %u = f32[1,8]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %d = f32[64,8]{1,0} dynamic-update-slice(%p, %u, %i, %i)
+  ROOT %s = f32[64]{0} reduce(%d, %z), dimensions={1}, to_apply=%add
+}
+%body (t: (f32[64,8], f32[1,8], s32[])) -> (f32[64,8], f32[1,8], s32[]) {
+  %t = (f32[64,8]{1,0}, f32[1,8]{1,0}, s32[]) parameter(0)
+  %x = f32[64,8]{1,0} get-tuple-element(%t), index=0
+  %u = f32[1,8]{1,0} get-tuple-element(%t), index=1
+  %i = s32[] get-tuple-element(%t), index=2
+  %f = f32[64]{0} fusion(%x, %u, %i), kind=kInput, calls=%fused_read
+  ROOT %r = (f32[64,8]{1,0}, f32[1,8]{1,0}, s32[]) tuple(%x, %u, %i)
+}
+%cond (t: (f32[64,8], f32[1,8], s32[])) -> pred[] {
+  %t = (f32[64,8]{1,0}, f32[1,8]{1,0}, s32[]) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+ENTRY %main (a: (f32[64,8], f32[1,8], s32[])) -> (f32[64,8], f32[1,8], s32[]) {
+  %a = (f32[64,8]{1,0}, f32[1,8]{1,0}, s32[]) parameter(0)
+  ROOT %w = (f32[64,8]{1,0}, f32[1,8]{1,0}, s32[]) while(%a), condition=%cond, body=%body
+}
+"""
+  [[kernel]] = hlo.loop_kernels(text)
+  assert (kernel.kind, kernel.read, kernel.written) == ('reduction', 64 * 8 * 4 + 32 + 4,
+                                                        64 * 4)
