@@ -60,6 +60,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -78,6 +79,18 @@ RUN_FILES = ('config.json', 'metrics.jsonl', 'launches.jsonl', 'bleu.json', 'sum
              'train.log', 'decode.log', 'uptrain.json')
 LOG_SKIP = ('checkpoints', 'checkpoints_damaged', 'best', 'data', 'hyps', 'spm.model',
             'train.lock', 'jax_cache', 'results')
+
+
+def side_by_side(one: Callable[[str], None], names: Sequence[str],
+                 results: dict[str, bool]) -> bool:
+  """Runs `one(name)` for every name at once, in threads; whether all of them
+  recorded success in `results`."""
+  threads = [threading.Thread(target=one, args=(n,)) for n in names]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return all(results.get(n, False) for n in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -817,12 +830,7 @@ class Job:
                         steps=total, steps_run=total - before, resumed=before > 0,
                         side_by_side=len(unit.names))
       results[name] = ok
-    threads = [threading.Thread(target=one, args=(n,)) for n in unit.names]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    return all(results.values())
+    return side_by_side(one, unit.names, results)
 
   def uptrain(self, unit: Unit) -> bool:
     """MHA seed 0 (trained here first if this machine lacks it) converted to
@@ -878,12 +886,7 @@ class Job:
                         side_by_side=len(unit.names),
                         source_train_s=round(source_s, 1) if retrained else None)
       results[name] = ok
-    threads = [threading.Thread(target=one, args=(n,)) for n in unit.names]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    return all(results.values())
+    return side_by_side(one, unit.names, results)
 
   # -- Table 2
 
