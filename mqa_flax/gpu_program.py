@@ -249,57 +249,60 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
-                                          lock_config=True)
-_TARGET = flags.DEFINE_enum('target', 'h200', list(TARGETS), 'GPU to compile for.')
-_PROGRAM = flags.DEFINE_enum('program', 'greedy', list(PROGRAMS), 'What to compile.')
-_CACHE = flags.DEFINE_enum('cache', 'padded', list(benchmark.CACHE_MODES),
-                           'Decode cache mode.')
-_IMPL = flags.DEFINE_enum('impl', None, list(ATTENTION_IMPLS),
-                          'Decode attention (default: the config\'s).')
-_LAYOUT = flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
-                            'Cache layout (default: the config\'s).')
-_BATCH = flags.DEFINE_integer('batch', None, 'Sentences (default 1024, beam 256, '
-                              'train 128).')
-_SRC_LEN = flags.DEFINE_integer('src_len', 128, 'Source length.')
-_TGT_LEN = flags.DEFINE_integer('tgt_len', 128, 'Target length (train: 256 '
-                                'unless given).')
-_BEAM = flags.DEFINE_integer('beam_size', 4, 'Beams per sentence (beam only).')
-_CHUNK = flags.DEFINE_integer('chunk', 16, 'Steps per loop, growing cache.')
-_KERNELS = flags.DEFINE_bool('kernels', False, 'List every kernel of the step.')
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of text.')
-flags.mark_flags_as_required(['config'])
+def define_flags() -> None:
+  """The command's flags, defined by `python -m` only: importing this module
+  defines none (decode.py's would clash)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_enum('target', 'h200', list(TARGETS), 'GPU to compile for.')
+  flags.DEFINE_enum('program', 'greedy', list(PROGRAMS), 'What to compile.')
+  flags.DEFINE_enum('cache', 'padded', list(benchmark.CACHE_MODES), 'Decode cache mode.')
+  flags.DEFINE_enum('impl', None, list(ATTENTION_IMPLS),
+                    'Decode attention (default: the config\'s).')
+  flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
+                    'Cache layout (default: the config\'s).')
+  flags.DEFINE_integer('batch', None, 'Sentences (default 1024, beam 256, train 128).')
+  flags.DEFINE_integer('src_len', 128, 'Source length.')
+  flags.DEFINE_integer('tgt_len', 128, 'Target length (train: 256 unless given).')
+  flags.DEFINE_integer('beam_size', 4, 'Beams per sentence (beam only).')
+  flags.DEFINE_integer('chunk', 16, 'Steps per loop, growing cache.')
+  flags.DEFINE_bool('kernels', False, 'List every kernel of the step.')
+  flags.DEFINE_bool('json', False, 'Print JSON instead of text.')
+  flags.mark_flags_as_required(['config'])
+
+
 _DEFAULT_BATCH = dict(greedy=1024, beam=256, encoder=1024, train=128)
 
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   if not available():
     raise errors.UserError('compiling for a GPU without one needs the CUDA '
                            "plugin: pip install -e '.[gpu-aot]'")
-  config = _CONFIG.value
+  config = f.config
   cfg = ModelConfig.from_config(config.model, config.data.vocab_size, config.decode)
-  cfg = dataclasses.replace(cfg, attention_impl=_IMPL.value or cfg.attention_impl,
-                            cache_layout=_LAYOUT.value or cfg.cache_layout)
-  program = _PROGRAM.value
-  tgt_len = _TGT_LEN.value
-  if program == 'train' and not flags.FLAGS['tgt_len'].present:
+  cfg = dataclasses.replace(cfg, attention_impl=f.impl or cfg.attention_impl,
+                            cache_layout=f.layout or cfg.cache_layout)
+  program = f.program
+  tgt_len = f.tgt_len
+  if program == 'train' and not f['tgt_len'].present:
     tgt_len = 256
-  batch = _DEFAULT_BATCH[program] if _BATCH.value is None else _BATCH.value
+  batch = _DEFAULT_BATCH[program] if f.batch is None else f.batch
   try:  # A bad shape, or an implementation the layout does not allow.
-    p = Program(program, batch=batch, src_len=_SRC_LEN.value, tgt_len=tgt_len,
-                beam_size=_BEAM.value, cache=_CACHE.value, chunk=_CHUNK.value)
-    report = program_report(cfg, p, _TARGET.value)
+    p = Program(program, batch=batch, src_len=f.src_len, tgt_len=tgt_len,
+                beam_size=f.beam_size, cache=f.cache, chunk=f.chunk)
+    report = program_report(cfg, p, f.target)
   except ValueError as e:
     raise errors.UserError(str(e)) from e
   report = dict(variant=config.variant, **report)
-  if _JSON.value:
+  if f.json:
     print(json.dumps(report, indent=1))
   else:
-    print(format_report(report, _KERNELS.value))
+    print(format_report(report, f.kernels))
 
 
 if __name__ == '__main__':
   # Compile for the described GPU; run nothing on any device but the CPU.
   jax.config.update('jax_platforms', 'cpu')
+  define_flags()
   errors.run(main)
