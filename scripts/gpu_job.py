@@ -494,6 +494,8 @@ def _read(path: str) -> bytes:
 
 
 def _write(path: str, data: bytes) -> None:
+  """Replaces `path` with `data` atomically. Not `mqa_flax.files`: the job
+  imports nothing of the package, which may need wheels it installs first."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'wb') as f:
