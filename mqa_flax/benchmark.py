@@ -219,8 +219,8 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   for c in shapes['layers'] for n in ('k', 'v'))
   counts = hlo.step_counts(text, self_leaf,
                            stats[f'decode_bytes_per_step_{mode}'] + reorder,
-                           2 * cfg.num_decoder_layers
-                           if beams > 1 and mode == 'padded' else 0, steps)
+                           hlo.beam_reorder_arrays(cfg.num_decoder_layers, beams, mode),
+                           steps)
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   return dict(
       kind=decoding.search_name(beams), cache=mode, batch=b,

@@ -196,10 +196,7 @@ def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
 def program_report(cfg: ModelConfig, p: Program, target: str) -> dict[str, Any]:
   """Compiles `p` for `target` and counts one step of it (`hlo.step_counts`)."""
   text, leaf = compile_text(cfg, p, target)
-  # The padded reorder gathers every self K/V leaf whole; the growing one
-  # updates their first positions in place.
-  reorder = (2 * cfg.num_decoder_layers
-             if p.program == 'beam' and p.cache == 'padded' else 0)
+  reorder = hlo.beam_reorder_arrays(cfg.num_decoder_layers, p.beams, p.cache)
   return dict(target=target, **dataclasses.asdict(p), beams=p.beams,
               attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
               num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,

@@ -312,6 +312,13 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
           if n != 'ROOT' and op[0] not in _NO_KERNEL and op[0] not in _CALLS]
 
 
+def beam_reorder_arrays(num_decoder_layers: int, beam_size: int, cache_mode: str) -> int:
+  """Cache-sized arrays beam search's own reorder writes per step: the padded
+  reorder gathers every self K/V leaf whole, the growing one updates their
+  first positions in place (`step_counts` does not count these as copies)."""
+  return 2 * num_decoder_layers if beam_size > 1 and cache_mode == 'padded' else 0
+
+
 def step_counts(hlo_text: str, leaf_bytes: int, floor: float | None = None,
                 reorder_arrays: int = 0, steps_per_loop: int = 1) -> dict[str, Any]:
   """One step's kernels, bytes and cache-sized copies, from compiled HLO text.
