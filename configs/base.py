@@ -76,7 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dc.max_len_b = 10
   dc.overlong = 'truncate'  # Inputs over data.max_eval_len: 'truncate' or 'error'.
   # How a decode step computes (same results; compare with --mode=benchmark):
-  dc.attention_impl = 'xla'  # 'xla' (einsums), 'cudnn' (GPU) or 'pallas' kernel.
+  # 'xla' (einsums), 'xla_reduce' (products and sums XLA fuses into one kernel
+  # per attention: fewer kernels, awaits a GPU timing), 'cudnn' (GPU) or 'pallas'.
+  dc.attention_impl = 'xla'
   # K/V cache arrays 'BKLH' [B, K, L, H] or 'BLKH' [B, L, K, H] ('cudnn' needs
   # BLKH). BKLH: fewer kernels and bytes per step in the compiled GPU program
   # (docs/perf.md, counted without a GPU); awaits a GPU timing to confirm.

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mqa_flax.config import ATTENTION_IMPLS
 from mqa_flax.config import check_heads
 
+IMPLS = ATTENTION_IMPLS  # How decode attention computes (T == 1; else 'xla').
 _NEG_INF = -1e30  # Finite, so fully masked rows give a uniform softmax.
-IMPLS = ('xla', 'cudnn', 'pallas')  # How decode attention computes (T == 1).
 KV_LAYOUTS = ('BSKH', 'BKSH')  # Key/value array layouts.
 _FOR_GPU = contextvars.ContextVar('for_gpu', default=False)
 
@@ -41,8 +42,8 @@ def _for_gpu() -> bool:
 
 def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
                           mask_BTS: jax.Array, impl: str = 'xla',
-                          kv_layout: str = 'BSKH',
-                          num_kv_heads: int = 0) -> jax.Array:
+                          kv_layout: str = 'BSKH', num_kv_heads: int = 0,
+                          scale: float = 1.0) -> jax.Array:
   """Grouped attention of N query heads over K key/value heads.
 
   The query batch may be R times the key/value batch (rows b*R .. b*R+R-1
@@ -50,13 +51,16 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   memory between its beams this way, without copying it.
 
   `impl` chooses how it is computed, never what: 'xla' (grouped einsums, any
-  T), or, for one query position (T == 1, incremental decoding), 'cudnn'
+  T), or, for one query position (T == 1, incremental decoding),
+  'xla_reduce' (the same sums written as products and reductions, which XLA
+  fuses with the softmax, where R = 1; with R > 1 the einsums; see
+  `_attention_by_reductions`), 'cudnn'
   (`jax.nn.dot_product_attention` on a GPU, layout BSKH only) or 'pallas'
-  (`mqa_flax.pallas_attention.decode_attention`). Those two need the R rows
-  that share a key/value row to share its mask too, as decoding's do.
+  (`mqa_flax.pallas_attention.decode_attention`). Those three need the R
+  rows that share a key/value row to share its mask too, as decoding's do.
 
   Args:
-    q_BTNH: queries, already scaled.
+    q_BTNH: queries.
     k: keys, [B, S, K, H] for kv_layout 'BSKH', or [B*K, S, H] for 'BKSH'
       (the bytes of [B, K, S, H], stored with B and K merged: XLA then reads
       it as stored, with no reshape between a cache update and its read).
@@ -65,6 +69,8 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     impl: one of IMPLS.
     kv_layout: 'BSKH' or 'BKSH'.
     num_kv_heads: K, needed for 'BKSH' only.
+    scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' applies
+      it to the float32 scores, the others to q in its dtype.
 
   Returns:
     The attended values, [B, T, N, H].
@@ -80,7 +86,12 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     kh = num_kv_heads
     bk, s = k.shape[0] // kh, k.shape[1]
   r, g = b // bk, n // kh
-  if impl != 'xla' and t == 1:
+  if impl == 'xla_reduce' and t == 1 and r == 1:
+    return _attention_by_reductions(q_BTNH, k, v, mask_BTS[:, 0], kv_layout, kh,
+                                    scale)
+  if scale != 1.0:
+    q_BTNH = q_BTNH * jnp.asarray(scale, q_BTNH.dtype)
+  if impl in ('cudnn', 'pallas') and t == 1:
     valid_BS = mask_BTS.reshape(bk, r, s)[:, 0]
     fn = _cudnn_attention if impl == 'cudnn' else _pallas_attention
     return fn(q_BTNH, k, v, valid_BS, kv_layout, kh)
@@ -104,6 +115,33 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('CQS,CSH->CQH', probs, v).reshape(bk, kh, r * t, g, h)
   return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
+def _attention_by_reductions(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
+                             valid_BS: jax.Array, kv_layout: str, kh: int,
+                             scale: float) -> jax.Array:
+  """One query position, one query row per K/V row (R = 1), as float32
+  products and sums instead of dots.
+
+  The same arithmetic as the einsums (float32 products of the stored values,
+  summed in float32), written so that XLA sees reductions, not GEMMs:
+  compiled for a GPU, scores, mask, softmax and the sum over values become
+  one or two fused kernels that read K and V once (docs/perf.md counts
+  them). The probabilities stay float32 (the einsum path rounds them to the
+  value dtype).
+  """
+  b, _, n, h = q_B1NH.shape
+  if kv_layout == 'BSKH':  # -> [B, K, S, H] (indexing only, inside the fusion).
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  else:  # [B*K, S, H], the bytes of [B, K, S, H].
+    k, v = k.reshape(b, kh, -1, h), v.reshape(b, kh, -1, h)
+  f32 = jnp.float32
+  q = q_B1NH.reshape(b, kh, n // kh, 1, h).astype(f32)  # [B, K, G, 1, H]
+  scores = jnp.sum(q * k[:, :, None].astype(f32), axis=-1) * scale
+  scores = jnp.where(valid_BS[:, None, None], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
+  out = jnp.sum(probs[..., None] * v[:, :, None].astype(f32), axis=-2)
+  return out.astype(v.dtype).reshape(b, 1, n, h)
 
 
 def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
@@ -177,9 +215,8 @@ class Attention(nnx.Module):
     """Projects queries from x, attends to given keys/values, projects out."""
     x = x_BTD.astype(self.dtype)
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
-    q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
     y = dot_product_attention(q, k, v, mask_BTS, impl, kv_layout,
-                              self.k.shape[1])
+                              self.k.shape[1], self.head_dim**-0.5)
     return jnp.einsum('BTNH,NHD->BTD', y, self.o[...].astype(self.dtype))
 
   def __call__(self, x_BTD: jax.Array, y_BSD: jax.Array,

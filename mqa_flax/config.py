@@ -20,7 +20,7 @@ from mqa_flax.errors import CONFIGS_NOT_IMPORTABLE, UserError
 
 KV_SCOPES = ('all', 'decoder')
 POS_EMBEDDINGS = ('learned', 'sinusoidal')
-ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas')
+ATTENTION_IMPLS = ('xla', 'xla_reduce', 'cudnn', 'pallas')
 CACHE_LAYOUTS = ('BLKH', 'BKLH')
 
 

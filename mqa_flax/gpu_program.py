@@ -24,8 +24,14 @@ from the program it times, so prediction and measurement sit side by side.
 
 import dataclasses
 import functools
+import glob
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
 from typing import Any
 
 import jax
@@ -178,10 +184,59 @@ def _lower(cfg: ModelConfig, p: Program, sharding: jax.sharding.Sharding
   return jax.jit(fn, donate_argnums=benchmark.DECODE_DONATE).lower(params, cache), leaf
 
 
-def compile_text(cfg: ModelConfig, p: Program, target: str) -> tuple[str, int]:
-  """Compiled HLO text of `p` for `target` (see `lower`), and the cache leaf bytes."""
+def compile_text(cfg: ModelConfig, p: Program, target: str,
+                 dump_dir: str | None = None) -> tuple[str, int]:
+  """Compiled HLO text of `p` for `target` (see `lower`), and the cache leaf
+  bytes; with `dump_dir`, XLA also writes there the PTX of every kernel it
+  generates."""
   lowered, leaf = lower(cfg, p, target_sharding(target))
-  return lowered.compile().as_text(), leaf
+  options = {'xla_dump_to': dump_dir} if dump_dir else None
+  return lowered.compile(compiler_options=options).as_text(), leaf
+
+
+def _ptxas() -> str:
+  """ptxas of the gpu-aot extra's nvidia-cuda-nvcc-cu12 wheel, else on PATH."""
+  try:
+    from nvidia import cuda_nvcc  # pylint: disable=g-import-not-at-top
+    path = os.path.join(list(cuda_nvcc.__path__)[0], 'bin', 'ptxas')
+    if os.access(path, os.X_OK):
+      return path
+  except ImportError:
+    pass
+  path = shutil.which('ptxas')
+  if not path:
+    raise ValueError('--registers needs ptxas: pip install nvidia-cuda-nvcc-cu12 '
+                     "(in the gpu-aot extra)")
+  return path
+
+
+# ptxas -v prints, per kernel: "Compiling entry function 'NAME' for 'sm_90a'",
+# "... N bytes spill stores, M bytes spill loads", "Used R registers, ...".
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_SPILL = re.compile(r'(\d+) bytes spill stores')
+_PTXAS_REGS = re.compile(r'Used (\d+) registers')
+
+
+_DEDUPLICATED = re.compile(r'%([\w.-]+) = [^\n]*?deduplicated_name="([\w.-]+)"')
+
+
+def kernel_registers(dump_dir: str) -> dict[str, tuple[int, int]]:
+  """Per generated kernel (PTX entry name, as the HLO names it with '.' -> '_'):
+  registers per thread and bytes of spill stores, as ptxas assembles it for
+  sm_90a (H100 and H200). Library kernels (cuBLAS, cuDNN) have no PTX here."""
+  ptxas, out = _ptxas(), {}
+  for ptx in sorted(glob.glob(os.path.join(dump_dir, '*.ptx'))):
+    log = subprocess.run([ptxas, '-v', '-arch=sm_90a', ptx, '-o', os.devnull],
+                         capture_output=True, text=True, check=True).stderr
+    name = None
+    for line in log.splitlines():
+      if m := _PTXAS_ENTRY.search(line):
+        name = m.group(1)
+      elif name and (m := _PTXAS_SPILL.search(line)):
+        out[name] = (0, int(m.group(1)))
+      elif name and (m := _PTXAS_REGS.search(line)):
+        out[name] = (int(m.group(1)), out.get(name, (0, 0))[1])
+  return out
 
 
 def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
@@ -193,17 +248,40 @@ def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
           stats[f'decode_reorder_bytes_per_step_{p.cache}'])
 
 
-def program_report(cfg: ModelConfig, p: Program, target: str) -> dict[str, Any]:
-  """Compiles `p` for `target` and counts one step of it (`hlo.step_counts`)."""
-  text, leaf = compile_text(cfg, p, target)
+def program_report(cfg: ModelConfig, p: Program, target: str,
+                   registers: bool = False) -> dict[str, Any]:
+  """Compiles `p` for `target` and counts one step of it (`hlo.step_counts`).
+
+  With `registers`, each generated kernel of the step also gets the
+  registers per thread and spill-store bytes ptxas gives it
+  (`kernel_registers`; None for library calls), and the report names the
+  kernels that spill.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    text, leaf = compile_text(cfg, p, target, tmp if registers else None)
+    usage = kernel_registers(tmp) if registers else None
   reorder = hlo.beam_reorder_arrays(cfg.num_decoder_layers, p.beams, p.cache)
-  return dict(target=target, **dataclasses.asdict(p), beams=p.beams,
-              attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
-              num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-              dtype=cfg.dtype, cache_leaf_bytes=leaf,
-              **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
-                                decoding.steps_per_loop(
-                                    p.beams, p.chunk if p.cache == 'growing' else None)))
+  report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
+                attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
+                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                dtype=cfg.dtype, cache_leaf_bytes=leaf,
+                **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
+                                  decoding.steps_per_loop(
+                                      p.beams, p.chunk if p.cache == 'growing' else None)))
+  if usage is not None:
+    # Identical fusions share one compiled kernel, named after one of them:
+    # the HLO metadata gives each the same deduplicated_name.
+    group = dict(_DEDUPLICATED.findall(text))
+    by_group = {group.get(name, name): usage[name.replace('.', '_')]
+                for name in group if name.replace('.', '_') in usage}
+    for k in report['kernels']:
+      name = k['name']
+      k['registers'], k['spill_bytes'] = usage.get(
+          name.replace('.', '_'), by_group.get(group.get(name, name), (None, None)))
+    report['max_registers'] = max((k['registers'] or 0) for k in report['kernels'])
+    report['spilling_kernels'] = [k['name'] for k in report['kernels']
+                                  if k['spill_bytes']]
+  return report
 
 
 def format_report(r: dict[str, Any], kernels: bool = False) -> str:
@@ -238,11 +316,21 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
         f"arrays >= {mb(r['cache_leaf_bytes'])}), "
         f"{r['cache_copies_per_call']} per call outside the loop")
   lines.append('  custom calls       ' + (', '.join(r['custom_calls']) or 'none'))
+  regs = 'max_registers' in r
+  if regs:
+    spills = r['spilling_kernels']
+    lines.append(f"  registers (ptxas)  at most {r['max_registers']} per thread; "
+                 f"{len(spills)} kernels spill" + (f": {', '.join(spills)}" if spills
+                                                   else ''))
   if kernels:
-    lines.append(f"  {'kernel':<48} {'kind':<12} {'read':>12} {'written':>12}")
+    lines.append(f"  {'kernel':<48} {'kind':<12} {'read':>12} {'written':>12}"
+                 + (f" {'regs':>5} {'spill':>7}" if regs else ''))
     for k in r['kernels']:
-      lines.append(f"  {k['name'][:48]:<48} {k['kind']:<12} {mb(k['read']):>12} "
-                   f"{mb(k['written']):>12}")
+      line = (f"  {k['name'][:48]:<48} {k['kind']:<12} {mb(k['read']):>12} "
+              f"{mb(k['written']):>12}")
+      if regs and k['registers'] is not None:
+        line += f" {k['registers']:>5} {k['spill_bytes']:>5} B"
+      lines.append(line)
   return '\n'.join(lines)
 
 
@@ -263,6 +351,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('beam_size', 4, 'Beams per sentence (beam only).')
   flags.DEFINE_integer('chunk', 16, 'Steps per loop, growing cache.')
   flags.DEFINE_bool('kernels', False, 'List every kernel of the step.')
+  flags.DEFINE_bool('registers', False, 'Registers and spills of each generated '
+                    'kernel, from ptxas (slower: it assembles every kernel).')
   flags.DEFINE_bool('json', False, 'Print JSON instead of text.')
   flags.mark_flags_as_required(['config'])
 
@@ -288,7 +378,7 @@ def main(argv):
   try:  # A bad shape, or an implementation the layout does not allow.
     p = Program(program, batch=batch, src_len=f.src_len, tgt_len=tgt_len,
                 beam_size=f.beam_size, cache=f.cache, chunk=f.chunk)
-    report = program_report(cfg, p, f.target)
+    report = program_report(cfg, p, f.target, f.registers)
   except ValueError as e:
     raise errors.UserError(str(e)) from e
   report = dict(variant=config.variant, **report)

@@ -119,6 +119,7 @@ UNITS = (
     Unit('table2-train', 'table2', ('train',)),
     Unit('table2-local', 'table2', ('local',)),
     Unit('table2-batches', 'table2', ('batches',)),
+    Unit('table2-pallas', 'table2', ('pallas',)),
 )
 # Table 2 parts: `decode.py --mode=benchmark` flags at the paper's shape
 # (configs/paper.py, random weights, bf16; beam 4 at 256 sentences).
@@ -126,7 +127,9 @@ BENCH = {
     'main': ('--variants=mha,mqa,gqa2', '--bench_batch=1024',
              '--bench_kinds=encoder,greedy,beam4'),
     'impls': ('--variants=mha,mqa', '--bench_batch=1024', '--bench_kinds=greedy',
-              '--bench_impls=xla/BLKH,xla/BKLH,cudnn/BLKH,pallas/BKLH'),
+              '--bench_impls=xla/BKLH,xla_reduce/BKLH,cudnn/BLKH,xla/BLKH'),
+    'pallas': ('--variants=mha,mqa', '--bench_batch=1024', '--bench_kinds=greedy',
+               '--bench_impls=pallas/BKLH'),
     'train': ('--variants=mha,mqa,gqa2', '--bench_kinds=train'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
               '--bench_kinds=greedy,beam4'),
@@ -145,12 +148,14 @@ STEPS = {False: 2520, True: 20}
 # steps/s, a run's fixed costs (vocabulary, tokenising, compiling, dev
 # evaluations) took about 80 s; Table 2's parts took 125 s (main), 160 s (the
 # Flax example) and 125 s (train); the implementation comparison about 120 s.
-# Guesses: scoring a run, converting, the smoke test, the local and batch parts.
+# Guesses: scoring a run, converting, the smoke test, the local, batch and
+# Pallas parts (the comparison's four pairs then had pallas/BKLH where
+# xla_reduce/BKLH is now: about 30 s a pair).
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
-            impls=120, peer=160, train=125, local=90, batches=90)
-H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches'}
+            impls=120, peer=160, train=125, local=90, batches=90, pallas=40)
+H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
-            impls=40, peer=30, train=15, local=30, batches=25)
+            impls=40, peer=30, train=15, local=30, batches=25, pallas=15)
 
 
 class JobError(Exception):
@@ -173,7 +178,8 @@ class Estimates:
     fallback = 'tiny guess' if tiny else 'H100 estimate'
     self.src = {k: 'guess' if (k in H100_GUESSED and not tiny) else fallback for k in self.v}
     mine = [r for r in rows if r.get('device_kind') == kind and r.get('ok')]
-    for key in ('smoke', 'main', 'impls', 'peer', 'train', 'local', 'batches'):
+    for key in ('smoke', 'main', 'impls', 'peer', 'train', 'local', 'batches',
+                'pallas'):
       item = 'smoke' if key == 'smoke' else f'table2/{key}'
       self._measured(key, [r['seconds'] for r in mine if r.get('item') == item], kind)
     runs = [r for r in mine if r.get('step_s') and r.get('steps_run')]

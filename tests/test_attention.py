@@ -13,7 +13,7 @@ from mqa_flax import attention
 B, T, S, N, H = 2, 3, 5, 4, 8
 # One compiled program per case: faster on CPU than op-by-op dispatch.
 _dpa = jax.jit(attention.dot_product_attention,
-               static_argnames=('impl', 'kv_layout', 'num_kv_heads'))
+               static_argnames=('impl', 'kv_layout', 'num_kv_heads', 'scale'))
 
 
 def _inputs(k, b=B, t=T, bk=None, seed=0):
@@ -116,6 +116,35 @@ def test_pallas_impl_at_one_query_position_equals_xla():
   got = _dpa(q, _to_bksh(kk), _to_bksh(v), mask, impl='pallas', kv_layout='BKSH',
              num_kv_heads=k)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
+@pytest.mark.parametrize('k', [N, 2, 1], ids=['mha', 'gqa', 'mqa'])
+def test_xla_reduce_at_one_query_position_matches_naive(k, kv_layout):
+  # Unscaled q with the scale given: 'xla_reduce' applies it to the scores.
+  q, kk, v, mask = _inputs(k, t=1, seed=6)
+  mask[0, 0] = False  # A fully masked row too.
+  if kv_layout == 'BKSH':
+    kk_in, v_in = _to_bksh(kk), _to_bksh(v)
+  else:
+    kk_in, v_in = kk, v
+  got = _dpa(q / H**-0.5, kk_in, v_in, mask, impl='xla_reduce',
+             kv_layout=kv_layout, num_kv_heads=k, scale=H**-0.5)
+  np.testing.assert_allclose(got, _naive(q, kk, v, mask), rtol=1e-5, atol=1e-5)
+  # The einsums with the same scale agree.
+  want = _dpa(q / H**-0.5, kk_in, v_in, mask, kv_layout=kv_layout,
+              num_kv_heads=k, scale=H**-0.5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_xla_reduce_with_rows_sharing_a_kv_row_equals_copied_kv():
+  # R = 2 query rows per kv row (beam search's cross-attention) and T > 1:
+  # both take the einsums, with the same results.
+  k, r = 1, 2
+  for t in (1, T):
+    q, kk, v, mask = _inputs(k, b=2 * r, t=t, bk=2, seed=7)
+    got = _dpa(q, kk, v, mask, impl='xla_reduce')
+    np.testing.assert_allclose(got, _naive(q, kk, v, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_impl_or_layout_is_named():

@@ -5,6 +5,7 @@ cache leaf is larger than every other array a step writes, so a cache-sized
 copy is a cache copy.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 
+from mqa_flax import config as config_lib
 from mqa_flax import gpu_program
 from mqa_flax import hlo
 from mqa_flax.config import ModelConfig
@@ -29,11 +31,12 @@ PER_LAYER, FIXED = 24, {'greedy': 4, 'beam': 20}
 
 
 @functools.cache
-def _report(program: str, k: int, layout: str, cache: str = 'padded') -> dict:
+def _report(program: str, k: int, layout: str, cache: str = 'padded',
+            impl: str = 'xla') -> dict:
   cfg = ModelConfig(vocab_size=64, num_encoder_layers=1,
                     num_decoder_layers=LAYERS, d_model=32, d_ff=64, num_heads=8,
                     num_kv_heads=k, head_dim=32, max_len=64, dtype='bfloat16',
-                    cache_layout=layout)
+                    cache_layout=layout, attention_impl=impl)
   p = gpu_program.Program(program, batch=16, src_len=16, tgt_len=32, beam_size=4,
                           cache=cache, chunk=8)
   return gpu_program.program_report(cfg, p, 'h200')
@@ -143,3 +146,58 @@ def test_cudnn_attention_compiles_for_the_gpu(program):
   r = gpu_program.program_report(cfg, p, 'h200')
   assert r['kernels_by_kind']['attention'] == 2 * LAYERS
   assert any('cudnn' in c for c in r['custom_calls'])
+
+
+@pytest.mark.parametrize('k', [1, 2, 8])
+def test_xla_reduce_fuses_each_attention_into_one_kernel(k):
+  # Per greedy step, the einsums take a QK kernel, a softmax and a PV kernel
+  # (or two) per attention; xla_reduce one, and nothing cache-sized is copied.
+  fused, einsums = _report('greedy', k, 'BKLH', impl='xla_reduce'), _report(
+      'greedy', k, 'BKLH')
+  assert fused['kernels_per_step'] <= einsums['kernels_per_step'] - 2 * LAYERS
+  assert fused['cache_copies_per_step'] == 0
+  # Each attention reads its K and V in one kernel: per layer, the self
+  # cache's two leaves, and the cross K/V of half their length (source 16).
+  leaf = fused['cache_leaf_bytes']
+  assert sum(x['read'] >= 2 * leaf for x in fused['kernels']) == LAYERS
+  assert sum(x['read'] >= leaf for x in fused['kernels']) == 2 * LAYERS
+  assert not [x for x in einsums['kernels'] if x['read'] >= 2 * leaf]
+
+
+def test_registers_of_every_generated_kernel():
+  cfg = ModelConfig(vocab_size=64, num_encoder_layers=1, num_decoder_layers=LAYERS,
+                    d_model=32, d_ff=64, num_heads=8, num_kv_heads=1, head_dim=32,
+                    max_len=64, dtype='bfloat16', cache_layout='BKLH',
+                    attention_impl='xla_reduce')
+  p = gpu_program.Program('greedy', batch=16, src_len=16, tgt_len=32)
+  r = gpu_program.program_report(cfg, p, 'h200', registers=True)
+  generated = [k for k in r['kernels'] if not k['target']]
+  assert generated and all(k['registers'] and k['spill_bytes'] is not None
+                           for k in generated), generated
+  assert r['max_registers'] == max(k['registers'] for k in generated)
+  assert 'registers (ptxas)' in gpu_program.format_report(r, kernels=True)
+
+
+def _paper(variant: str) -> dict:
+  c = config_lib.load_config(os.path.join(ROOT, 'configs/paper.py'), variant)
+  cfg = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
+  cfg = dataclasses.replace(cfg, attention_impl='xla_reduce', cache_layout='BKLH')
+  return gpu_program.program_report(cfg, gpu_program.Program('greedy'), 'h200',
+                                    registers=True)
+
+
+# gqa2's fused attention (G = 4 query heads per K/V head) needs more than 255
+# registers per thread and spills; mha's (G = 1) and mqa's (G = 8) do not.
+_GQA_SPILLS = pytest.mark.xfail(
+    strict=True, reason="issue 21: gqa2's fused xla_reduce attention spills")
+
+
+@pytest.mark.parametrize('variant', [
+    'mha', 'mqa', pytest.param('gqa2', marks=_GQA_SPILLS)])
+def test_paper_shape_greedy_step_meets_the_kernel_goal(variant):
+  # configs/paper.py, batch 1024, source and target 128, bf16, H200: at most
+  # 96 kernels a step (16 per decoder layer), no cache copy, nothing spills.
+  r = _paper(variant)
+  assert r['kernels_per_step'] <= 96, r['kernels_by_kind']
+  assert r['cache_copies_per_step'] == 0
+  assert not r['spilling_kernels'], r['spilling_kernels']

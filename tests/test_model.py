@@ -41,22 +41,35 @@ def _has_pallas() -> bool:
 
 
 # (attention_impl, cache_layout): every choice must leave the results alone.
-IMPLS = [('xla', 'BLKH'), ('xla', 'BKLH'),
+IMPLS = [('xla', 'BLKH'), ('xla', 'BKLH'), ('xla_reduce', 'BLKH'),
+         ('xla_reduce', 'BKLH'),
          pytest.param(('pallas', 'BLKH'), marks=pytest.mark.skipif(
              not _has_pallas(), reason='mqa_flax/pallas_attention.py absent')),
          pytest.param(('pallas', 'BKLH'), marks=pytest.mark.skipif(
              not _has_pallas(), reason='mqa_flax/pallas_attention.py absent'))]
 
 
+# Beyond xla (every variant), each choice runs on the variants that cover
+# K = 1, K = 2 and the ring buffer (the Pallas kernel also has its own tests
+# in test_pallas_attention).
+_SOME_VARIANTS = {('xla_reduce', 'BKLH'): ('mqa', 'gqa', 'mha_local'),
+                  ('xla_reduce', 'BLKH'): ('mqa',),
+                  ('pallas', 'BLKH'): ('mqa', 'mha_local'),
+                  ('pallas', 'BKLH'): ('mqa', 'mha_local')}
+
+
+def _values(impl) -> tuple[str, str]:
+  return getattr(impl, 'values', (impl,))[0]
+
+
 def _decoding_cases():
   """Every variant with XLA in both layouts, padded and growing (one layout:
-  they share the padded path); the Pallas kernel (tested alone in
-  test_pallas_attention) for K = 1 and the ring buffer."""
+  they share the padded path); the other choices on _SOME_VARIANTS."""
   for variant in VARIANTS:
     yield pytest.param(variant, 'growing', IMPLS[0], id=f'xla/BLKH-growing-{variant}')
     for impl in IMPLS:
-      values = getattr(impl, 'values', (impl,))[0]
-      if values[0] != 'pallas' or variant in ('mqa', 'mha_local'):
+      values = _values(impl)
+      if values[0] == 'xla' or variant in _SOME_VARIANTS[values]:
         marks = getattr(impl, 'marks', ())
         yield pytest.param(variant, None, values, marks=marks,
                            id=f'{"/".join(values)}-None-{variant}')
@@ -115,7 +128,8 @@ def test_beams_share_cross_attention_memory():
 
 
 @pytest.mark.parametrize('k', [1, 2])
-@pytest.mark.parametrize('impl', IMPLS, ids=lambda x: '/'.join(x))
+@pytest.mark.parametrize('impl', [i for i in IMPLS if _values(i) != ('xla_reduce', 'BLKH')],
+                         ids=lambda x: '/'.join(x))
 def test_grouped_equals_multi_head_with_copied_kv(k, impl):
   n = 4
   kw = dict(attention_impl=impl[0], cache_layout=impl[1])
