@@ -2,7 +2,8 @@
 
   python -m mqa_flax.gpu_program --config=configs/paper.py:mqa --target=h200 \
       --program=greedy [--cache=padded --layout=BLKH --impl=xla] \
-      [--batch=1024 --src_len=128 --tgt_len=128 --beam_size=4] [--kernels] [--json]
+      [--batch=1024 --src_len=128 --tgt_len=128 --beam_size=4] [--kernels] \
+      [--registers] [--json]
 
 XLA compiles for a GPU it does not have ("deviceless" ahead-of-time
 compilation): `jax.experimental.topologies` describes an H100 or H200 by its
@@ -20,6 +21,8 @@ docs/perf.md for the measure), the cache-sized arrays written other than in
 place, the custom calls, and all bytes moved over the memory floor's
 (`costs.analyze`). The benchmark records the same counts (`hlo.step_counts`)
 from the program it times, so prediction and measurement sit side by side.
+With `registers`, ptxas assembles the PTX XLA generated for each kernel and
+gives its registers per thread and spill stores (`kernel_registers`).
 """
 
 import dataclasses
