@@ -220,9 +220,6 @@ _PTXAS_SPILL = re.compile(r'(\d+) bytes spill stores')
 _PTXAS_REGS = re.compile(r'Used (\d+) registers')
 
 
-_DEDUPLICATED = re.compile(r'%([\w.-]+) = [^\n]*?deduplicated_name="([\w.-]+)"')
-
-
 def kernel_registers(dump_dir: str) -> dict[str, tuple[int, int]]:
   """Per generated kernel (PTX entry name, as the HLO names it with '.' -> '_'):
   registers per thread and bytes of spill stores, as ptxas assembles it for
@@ -251,6 +248,11 @@ def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
           stats[f'decode_reorder_bytes_per_step_{p.cache}'])
 
 
+# An HLO instruction and its deduplicated_name: identical fusions share that
+# name and one compiled kernel, whose PTX entry is named after one of them.
+_DEDUPLICATED = re.compile(r'%([\w.-]+) = [^\n]*?deduplicated_name="([\w.-]+)"')
+
+
 def program_report(cfg: ModelConfig, p: Program, target: str,
                    registers: bool = False) -> dict[str, Any]:
   """Compiles `p` for `target` and counts one step of it (`hlo.step_counts`).
@@ -272,8 +274,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
   if usage is not None:
-    # Identical fusions share one compiled kernel, named after one of them:
-    # the HLO metadata gives each the same deduplicated_name.
+    # A kernel without a PTX entry of its own takes its group's.
     group = dict(_DEDUPLICATED.findall(text))
     by_group = {group.get(name, name): usage[name.replace('.', '_')]
                 for name in group if name.replace('.', '_') in usage}
