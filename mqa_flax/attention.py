@@ -19,7 +19,6 @@ from flax import nnx
 from mqa_flax.config import ATTENTION_IMPLS
 from mqa_flax.config import check_heads
 
-IMPLS = ATTENTION_IMPLS  # How decode attention computes (T == 1; else 'xla').
 _NEG_INF = -1e30  # Finite, so fully masked rows give a uniform softmax.
 KV_LAYOUTS = ('BSKH', 'BKSH')  # Key/value array layouts.
 _FOR_GPU = contextvars.ContextVar('for_gpu', default=False)
@@ -66,7 +65,7 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
       it as stored, with no reshape between a cache update and its read).
     v: values, laid out as k.
     mask_BTS: True where query t may attend to key s (query batch).
-    impl: one of IMPLS.
+    impl: one of config.ATTENTION_IMPLS (how a T == 1 step computes).
     kv_layout: 'BSKH' or 'BKSH'.
     num_kv_heads: K, needed for 'BKSH' only.
     scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' applies
@@ -77,8 +76,8 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   """
   if kv_layout not in KV_LAYOUTS:
     raise ValueError(f'kv_layout={kv_layout!r}; expected one of {KV_LAYOUTS}')
-  if impl not in IMPLS:
-    raise ValueError(f'attention impl={impl!r}; expected one of {IMPLS}')
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention impl={impl!r}; expected one of {ATTENTION_IMPLS}')
   b, t, n, h = q_BTNH.shape
   if kv_layout == 'BSKH':
     bk, s, kh, _ = k.shape

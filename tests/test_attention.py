@@ -137,7 +137,7 @@ def test_xla_reduce_at_one_query_position_matches_naive(k, kv_layout):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_xla_reduce_with_rows_sharing_a_kv_row_equals_copied_kv():
+def test_xla_reduce_with_rows_sharing_a_kv_row_matches_naive():
   # R = 2 query rows per kv row (beam search's cross-attention) and T > 1:
   # both take the einsums, with the same results.
   k, r = 1, 2
