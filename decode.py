@@ -77,9 +77,10 @@ _B_KINDS = flags.DEFINE_list('bench_kinds', ['encoder', 'greedy', 'beam4', 'trai
                              'benchmark: what to time.')
 _B_IMPLS = flags.DEFINE_list(
     'bench_impls', [], 'benchmark: decoder implementations to compare in this '
-    "one process, each 'attention_impl/cache_layout' (impl: xla, xla_reduce, "
-    "cudnn, pallas; layout: BLKH, BKLH; a bare impl means BLKH), timed in this "
-    "order, one row each, e.g. xla/BKLH,xla_reduce/BKLH,cudnn/BLKH. One that fails to "
+    "one process, each 'attention_impl/cache_layout[/argmax_impl]' (impl: xla, "
+    "xla_reduce, cudnn, pallas; layout: BLKH, BKLH, BLKH if left out; greedy's "
+    "argmax: xla, pallas, xla if left out), timed in this order, one row each, "
+    "e.g. xla/BKLH,xla_reduce/BKLH,xla_reduce/BKLH/pallas. One that fails to "
     "compile or run gives an error row. Default: the config's decode values.")
 
 

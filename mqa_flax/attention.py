@@ -35,7 +35,8 @@ def compiling_for_gpu():
     _FOR_GPU.reset(token)
 
 
-def _for_gpu() -> bool:
+def for_gpu() -> bool:
+  """Whether the program being traced is for a GPU (see compiling_for_gpu)."""
   return jax.default_backend() == 'gpu' or _FOR_GPU.get()
 
 
@@ -146,7 +147,7 @@ def _attention_by_reductions(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
 def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
                      valid_BS: jax.Array, kv_layout: str, kh: int) -> jax.Array:
   """One query position through cuDNN's fused attention (GPU only)."""
-  if not _for_gpu():
+  if not for_gpu():
     raise NotImplementedError(
         f"attention impl 'cudnn' needs a CUDA GPU; this backend is "
         f'{jax.default_backend()!r} (use impl xla or pallas)')
@@ -178,7 +179,7 @@ def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   q = q_B1NH.reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
   out = pallas_attention.decode_attention(
       q.reshape(bk, kh, r * g, h), k, v, valid_BS, kv_layout=kv_layout,
-      interpret=not _for_gpu())  # [Bk, K, R*G, H]
+      interpret=not for_gpu())  # [Bk, K, R*G, H]
   out = out.reshape(bk, kh, r, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, 1, n, h)
 

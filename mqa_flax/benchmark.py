@@ -8,7 +8,7 @@ median of `reps` calls, each ended by `jax.block_until_ready`. Rows, by kind:
 - `encoder`: the encoder and the cross-attention K/V projection (done once
   per sentence) on [batch, src_len]; µs per source token, which is µs per
   output token at the paper's equal source and target lengths.
-- `greedy`: `decoding.greedy_search` over `model.decode_step` (the loop that
+- `greedy`: `decoding.greedy_search` over `model.next_token` (the loop that
   `decode.py --mode=translate|bleu` runs), EOS ignored so that all tgt_len
   steps run; µs per output token. Cache `padded` reads the whole fixed-size
   cache every step (the paper's); `growing` (greedy_search's `chunk`) reads
@@ -17,10 +17,11 @@ median of `reps` calls, each ended by `jax.block_until_ready`. Rows, by kind:
 - `beam4`: `decoding.beam_search` at `beam_size` beams; µs per output token
   of a sentence, time / (sentences * tgt_len), as the paper counts.
 
-Decoder rows are timed for each requested (attention_impl, cache_layout)
-pair (`ModelConfig` fields: how a step computes, never what); a pair that
-fails to compile or run gives an error row and the others go on, and each
-row can be written out as soon as it is measured (`emit`).
+Decoder rows are timed for each requested (attention_impl, cache_layout,
+argmax_impl) (`ModelConfig` fields: how a step computes, never what; the
+argmax only matters to greedy rows); one that fails to compile or run gives
+an error row and the others go on, and each row can be written out as soon
+as it is measured (`emit`).
 
 The decoder's cache is built outside the timed function. Each time sits
 beside a memory floor (`bytes_per_step` from `costs.analyze` over the
@@ -174,7 +175,8 @@ def _time_encoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
 def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
               chunk: int | None) -> Callable[[nnx.State, Cache],
                                              tuple[jax.Array, Cache]]:
-  """What the decoder rows time: `decoding`'s search over `model.decode_step`.
+  """What the decoder rows time: `decoding`'s search over the model's step
+  (`next_token` for greedy, `decode_step` for beams).
 
   Returns `(params, cache) -> (tokens, final cache)`, to be jitted with the
   cache donated (`DECODE_DONATE`): the loop then updates the caller's cache
@@ -186,7 +188,7 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
   def fn(params, cache):
     model = nnx.merge(graphdef, params)
     if beams == 1:
-      return decoding.greedy_search(model.decode_step, cache, batch, tgt_len,
+      return decoding.greedy_search(model.next_token, cache, batch, tgt_len,
                                     _NO_EOS, stop_at_eos=False, chunk=chunk,
                                     return_cache=True)
     seqs, _, cache = decoding.beam_search(
@@ -263,12 +265,15 @@ def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
               compile_s=compile_s, **_fields(None, 1, b * length, flops, sec, dev))
 
 
-def parse_impls(spec: Sequence[str]) -> list[tuple[str, str]]:
-  """['xla/BLKH', 'pallas'] -> [('xla', 'BLKH'), ('pallas', 'BLKH')]."""
+def parse_impls(spec: Sequence[str]) -> list[tuple[str, str, str]]:
+  """'attention_impl[/cache_layout[/argmax_impl]]' items -> triples:
+  ['xla/BKLH/pallas', 'cudnn'] -> [('xla', 'BKLH', 'pallas'),
+  ('cudnn', 'BLKH', 'xla')]."""
   out = []
   for item in spec:
-    impl, _, layout = item.partition('/')
-    out.append((impl, layout or 'BLKH'))
+    impl, _, rest = item.partition('/')
+    layout, _, argmax = rest.partition('/')
+    out.append((impl, layout or 'BLKH', argmax or 'xla'))
   return out
 
 
@@ -285,7 +290,7 @@ def run(variants: dict[str, ModelConfig], *,
         beam_size: int = 4, train_batch: int = 128, train_len: int = 256,
         cache_modes: Sequence[str] = CACHE_MODES, reps: int = 5,
         warmup: int = 1, kinds: Sequence[str] = KINDS, chunk: int = 16,
-        seed: int = 0, impls: Sequence[tuple[str, str]] | None = None,
+        seed: int = 0, impls: Sequence[tuple[str, str, str]] | None = None,
         emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
@@ -300,9 +305,10 @@ def run(variants: dict[str, ModelConfig], *,
     cache_modes: greedy cache modes; beam search is padded only.
     kinds: from KINDS; the encoder is timed at the greedy and beam batches.
     chunk: steps per loop in growing mode.
-    impls: (attention_impl, cache_layout) pairs; each decoder row is timed
-      for each, in this order (default: the variant's own). The encoder is
-      timed with the first, training with its own config ('xla').
+    impls: (attention_impl, cache_layout, argmax_impl) triples
+      (`parse_impls`); each decoder row is timed for each, in this order
+      (default: the variant's own). The encoder is timed with the first's
+      layout, training with its own config ('xla').
     emit: called with each row as soon as it is measured (e.g.
       `metrics.jsonl_appender`). Inside `errors.stop_between_steps`, a
       signal stops the run after the row being measured.
@@ -327,7 +333,8 @@ def run(variants: dict[str, ModelConfig], *,
     if base_cfg.dtype not in tflops:
       tflops[base_cfg.dtype] = measure_matmul_flops(base_cfg.dtype)
     d = dict(dev, device_tflops=tflops[base_cfg.dtype])
-    pairs = impls or [(base_cfg.attention_impl, base_cfg.cache_layout)]
+    triples = impls or [(base_cfg.attention_impl, base_cfg.cache_layout,
+                         base_cfg.argmax_impl)]
     if name in (states or {}):
       params = states[name]
     else:
@@ -341,37 +348,39 @@ def run(variants: dict[str, ModelConfig], *,
     def graph(cfg):
       return abstract_model(cfg)[0]
 
-    def measure(kind, cache, batch, impl, layout, fn):
+    def measure(kind, cache, batch, impl, layout, argmax, fn):
       try:
         row = fn()
       except Exception as err:  # pylint: disable=broad-except
         row = _error_row(kind, cache, batch, err)
-      row = dict(common, attention_impl=impl, cache_layout=layout, **row)
+      row = dict(common, attention_impl=impl, cache_layout=layout,
+                 argmax_impl=argmax, **row)
       rows.append(row)
       if emit:
         emit(row)
       errors.check_stop(f'after {len(rows)} benchmark rows of this batch')
 
-    def decoder_row(b, beams, mode, impl, layout):
+    def decoder_row(b, beams, mode, impl, layout, argmax):
       cfg = dataclasses.replace(base_cfg, attention_impl=impl,
-                                cache_layout=layout)
+                                cache_layout=layout, argmax_impl=argmax)
       return _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
                            tgt_len, chunk, seed, d, timing)
 
     if 'encoder' in kinds:
       first = dataclasses.replace(base_cfg, attention_impl='xla',
-                                  cache_layout=pairs[0][1])
+                                  cache_layout=triples[0][1])
       for b in dict.fromkeys([b for b, _, _ in decoders] or [batch]):
-        measure('encoder', None, b, 'xla', first.cache_layout,
+        measure('encoder', None, b, 'xla', first.cache_layout, None,
                 lambda b=b: _time_encoder(first, graph(first), infer, b,
                                           src_len, tgt_len, seed, d, timing))
-    for impl, layout in pairs:
+    for impl, layout, argmax in triples:
       for b, beams, mode in decoders:
         measure(decoding.search_name(beams), mode, b, impl, layout,
-                functools.partial(decoder_row, b, beams, mode, impl, layout))
+                argmax if beams == 1 else None,
+                functools.partial(decoder_row, b, beams, mode, impl, layout, argmax))
     if 'train' in kinds:
       cfg = dataclasses.replace(base_cfg, attention_impl='xla')
-      measure('train', None, train_batch, 'xla', cfg.cache_layout,
+      measure('train', None, train_batch, 'xla', cfg.cache_layout, None,
               lambda: _time_train(cfg, graph(cfg), params, train_batch,
                                   train_len, opt_config, seed, d, timing))
   return rows

@@ -21,6 +21,7 @@ from mqa_flax.errors import CONFIGS_NOT_IMPORTABLE, UserError
 KV_SCOPES = ('all', 'decoder')
 POS_EMBEDDINGS = ('learned', 'sinusoidal')
 ATTENTION_IMPLS = ('xla', 'xla_reduce', 'cudnn', 'pallas')
+ARGMAX_IMPLS = ('xla', 'pallas')
 CACHE_LAYOUTS = ('BLKH', 'BKLH')
 
 
@@ -43,9 +44,11 @@ class ModelConfig:
   dropout_rate: float = 0.1
   dtype: str = 'float32'
   # How incremental decode steps compute, never what (config.decode): the
-  # attention implementation and the K/V cache layout. Training uses 'xla'.
+  # attention implementation, the K/V cache layout and greedy decoding's
+  # argmax. Training uses 'xla'.
   attention_impl: str = 'xla'
   cache_layout: str = 'BLKH'
+  argmax_impl: str = 'xla'
 
   def __post_init__(self):
     check_heads(self.num_heads, self.num_kv_heads)
@@ -59,6 +62,9 @@ class ModelConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl={self.attention_impl!r}; expected one '
                        f'of {ATTENTION_IMPLS}')
+    if self.argmax_impl not in ARGMAX_IMPLS:
+      raise ValueError(f'argmax_impl={self.argmax_impl!r}; expected one of '
+                       f'{ARGMAX_IMPLS}')
     if self.cache_layout not in CACHE_LAYOUTS:
       raise ValueError(f'cache_layout={self.cache_layout!r}; expected one of '
                        f'{CACHE_LAYOUTS}')
@@ -88,7 +94,9 @@ class ModelConfig:
     """
     extra = {} if decode_cfg is None else dict(
         attention_impl=decode_cfg.attention_impl,
-        cache_layout=decode_cfg.cache_layout)
+        cache_layout=decode_cfg.cache_layout,
+        # Absent from the config.json of workdirs made before it existed.
+        argmax_impl=decode_cfg.get('argmax_impl', 'xla'))
     try:
       return cls(**model_cfg.to_dict(), vocab_size=vocab_size, **extra)
     except (TypeError, ValueError) as e:

@@ -2,7 +2,9 @@
 
 Both searches drive a callback `tokens_to_logits(ids, cache) -> (logits, cache)`
 that consumes one token per row and returns logits [rows, V] (any float
-dtype; beam search scores in float32). The first input token is 0 (pad, read
+dtype; beam search scores in float32). Greedy search also takes a callback
+that returns the argmax token ids [rows] (an integer dtype) instead: a model
+that computes the argmax without writing its logits (`Transformer.next_token`). The first input token is 0 (pad, read
 by the model as BOS); outputs are padded with 0 after EOS. Everything runs in
 one `lax.while_loop`, so both functions are pure and jit-able, and no step
 waits on the host.
@@ -81,7 +83,8 @@ def greedy_search(
   up to `end` ('growing' cache) instead of its full length. Same tokens.
 
   Args:
-    tokens_to_logits: callback over `batch_size` rows, see the module doc.
+    tokens_to_logits: callback over `batch_size` rows returning logits or
+      argmax ids, see the module doc.
     cache: initial decoding cache.
     batch_size: number of rows B.
     max_len: number of steps at most, T.
@@ -105,10 +108,13 @@ def greedy_search(
   def body(read_len: int | None, s: GreedyState) -> GreedyState:
     ids = jnp.where(s.step == 0, 0, s.tokens[:, jnp.maximum(s.step - 1, 0)])
     if read_len is None:
-      logits, cache = tokens_to_logits(ids, s.cache)  # [B, V]
+      out, cache = tokens_to_logits(ids, s.cache)  # [B, V] logits or [B] ids.
     else:
-      logits, cache = tokens_to_logits(ids, s.cache, read_len=read_len)
-    next_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+      out, cache = tokens_to_logits(ids, s.cache, read_len=read_len)
+    if jnp.issubdtype(out.dtype, jnp.integer):
+      next_ids = out.astype(jnp.int32)
+    else:
+      next_ids = jnp.argmax(out, axis=-1).astype(jnp.int32)  # [B]
     forced = _forced_eos(s.step, max_lens)
     if forced is not None:
       next_ids = jnp.where(forced, eos_id, next_ids)

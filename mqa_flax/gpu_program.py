@@ -1,7 +1,7 @@
 """The GPU program of a decode loop, encoder or train step, seen from a CPU.
 
   python -m mqa_flax.gpu_program --config=configs/paper.py:mqa --target=h200 \
-      --program=greedy [--cache=padded --layout=BLKH --impl=xla] \
+      --program=greedy [--cache=padded --layout=BLKH --impl=xla --argmax=xla] \
       [--batch=1024 --src_len=128 --tgt_len=128 --beam_size=4] [--kernels] \
       [--registers] [--json]
 
@@ -50,7 +50,7 @@ from mqa_flax import decoding
 from mqa_flax import errors
 from mqa_flax import hlo
 from mqa_flax import state as state_lib
-from mqa_flax.config import ATTENTION_IMPLS, CACHE_LAYOUTS, ModelConfig
+from mqa_flax.config import ARGMAX_IMPLS, ATTENTION_IMPLS, CACHE_LAYOUTS, ModelConfig
 from mqa_flax.model import abstract_model
 
 PROGRAMS = ('greedy', 'beam', 'encoder', 'train')
@@ -251,6 +251,9 @@ def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
 # An HLO instruction and its deduplicated_name: identical fusions share that
 # name and one compiled kernel, whose PTX entry is named after one of them.
 _DEDUPLICATED = re.compile(r'%([\w.-]+) = [^\n]*?deduplicated_name="([\w.-]+)"')
+# A Pallas (Triton) custom call and the name its kernel's PTX entry has.
+_TRITON_CALL = re.compile(r'%([\w.-]+) = [^\n]*custom_call_target="__gpu\$xla\.gpu'
+                          r'\.triton"[^\n]*?, name = "([\w.-]+)"')
 
 
 def program_report(cfg: ModelConfig, p: Program, target: str,
@@ -268,20 +271,26 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
   reorder = hlo.beam_reorder_arrays(cfg.num_decoder_layers, p.beams, p.cache)
   report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
                 attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
+                argmax_impl=cfg.argmax_impl if p.program == 'greedy' else None,
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                 dtype=cfg.dtype, cache_leaf_bytes=leaf,
                 **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
   if usage is not None:
-    # A kernel without a PTX entry of its own takes its group's.
+    # A kernel without a PTX entry of its own takes its group's; a Pallas
+    # call, its kernel's.
     group = dict(_DEDUPLICATED.findall(text))
+    for call, entry in _TRITON_CALL.findall(text):
+      group[call] = entry
     by_group = {group.get(name, name): usage[name.replace('.', '_')]
                 for name in group if name.replace('.', '_') in usage}
     for k in report['kernels']:
       name = k['name']
-      k['registers'], k['spill_bytes'] = usage.get(
-          name.replace('.', '_'), by_group.get(group.get(name, name), (None, None)))
+      g = group.get(name, name)
+      k['registers'], k['spill_bytes'] = (
+          usage.get(name.replace('.', '_')) or by_group.get(g)
+          or usage.get(g.replace('.', '_'), (None, None)))
     report['max_registers'] = max((k['registers'] or 0) for k in report['kernels'])
     report['spilling_kernels'] = [k['name'] for k in report['kernels']
                                   if k['spill_bytes']]
@@ -299,7 +308,8 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
       f"{what} on {r['target']}: K={r['num_kv_heads']} N={r['num_heads']} "
       f"{r['dtype']} batch {r['batch']} " + (
           f"src {r['src_len']} tgt {r['tgt_len']} cache {r['cache']} "
-          f"{r['cache_layout']} attention {r['attention_impl']}" if decoding
+          f"{r['cache_layout']} attention {r['attention_impl']}"
+          + (f" argmax {r['argmax_impl']}" if r['argmax_impl'] else '') if decoding
           else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']}"),
       f"loops {r['loops']}; one step (loop body + condition"
       + (f" / {r['steps_per_loop']} steps it runs" if r['steps_per_loop'] > 1 else '')
@@ -347,6 +357,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('cache', 'padded', list(benchmark.CACHE_MODES), 'Decode cache mode.')
   flags.DEFINE_enum('impl', None, list(ATTENTION_IMPLS),
                     'Decode attention (default: the config\'s).')
+  flags.DEFINE_enum('argmax', None, list(ARGMAX_IMPLS),
+                    'Greedy decoding\'s argmax (default: the config\'s).')
   flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
                     'Cache layout (default: the config\'s).')
   flags.DEFINE_integer('batch', None, 'Sentences (default 1024, beam 256, train 128).')
@@ -373,6 +385,7 @@ def main(argv):
   config = f.config
   cfg = ModelConfig.from_config(config.model, config.data.vocab_size, config.decode)
   cfg = dataclasses.replace(cfg, attention_impl=f.impl or cfg.attention_impl,
+                            argmax_impl=f.argmax or cfg.argmax_impl,
                             cache_layout=f.layout or cfg.cache_layout)
   program = f.program
   tgt_len = f.tgt_len

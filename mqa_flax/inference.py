@@ -42,8 +42,8 @@ def search(graphdef: nnx.GraphDef, state: nnx.State, inputs_BS: jax.Array, *,
     return logits.at[:, 0].set(-jnp.inf), cache
 
   if beam_size == 1:
-    return decoding.greedy_search(tokens_to_logits, cache, batch, max_len,
-                                  eos_id, max_lens)
+    return decoding.greedy_search(functools.partial(model.next_token, min_id=1),
+                                  cache, batch, max_len, eos_id, max_lens)
   seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch, beam_size,
                                  max_len, eos_id, alpha, max_lens,
                                  reorder=model.reorder_cache)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mqa_flax.attention import Attention
+from mqa_flax.attention import Attention, for_gpu
 from mqa_flax.config import ModelConfig
 
 Cache = dict[str, Any]
@@ -322,6 +322,39 @@ class Transformer(nnx.Module):
     `read_len` (static) limits self-attention to the first `read_len` cache
     slots; it must exceed the current index.
     """
+    h_B1D, cache = self._decoder_step(ids_B, cache, read_len)
+    # Logits in the compute dtype: with bf16 the step writes [B, V] bf16 and
+    # the search reads it (half the bytes of float32; greedy's argmax reads
+    # the rounded values, beam search casts them to float32).
+    return self.logits(h_B1D, self.cfg.compute_dtype)[:, 0], cache
+
+  def next_token(self, ids_B: jax.Array, cache: Cache, read_len: int | None = None,
+                 min_id: int = 0) -> tuple[jax.Array, Cache]:
+    """Greedy decoding's step: the argmax token [B] int32 after `ids_B` (of the
+    ids >= `min_id`), and the updated cache (`read_len` as in `decode_step`).
+
+    `cfg.argmax_impl` 'xla' takes the argmax of `decode_step`'s logits;
+    'pallas' computes it inside the output GEMM without writing the logits
+    (`pallas_argmax.logits_argmax`; float32 logits, so a tie in the compute
+    dtype may break the other way).
+    """
+    if self.cfg.argmax_impl == 'xla':
+      logits_BV, cache = self.decode_step(ids_B, cache, read_len)
+      if min_id:
+        logits_BV = logits_BV.at[:, :min_id].set(-jnp.inf)
+      return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
+    from mqa_flax import pallas_argmax  # pylint: disable=g-import-not-at-top
+    h_B1D, cache = self._decoder_step(ids_B, cache, read_len)
+    dt = self.cfg.compute_dtype
+    ids = pallas_argmax.logits_argmax(
+        h_B1D[:, 0].astype(dt), self.embed[...].astype(dt), min_id=min_id,
+        interpret=not for_gpu())
+    return ids, cache
+
+  def _decoder_step(self, ids_B: jax.Array, cache: Cache, read_len: int | None
+                    ) -> tuple[jax.Array, Cache]:
+    """The decoder stack over one position: the final LayerNorm's output
+    [B, 1, D] and the updated cache."""
     index = cache['index']
     rows = ids_B.shape[0]
     x_B1D = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
@@ -342,11 +375,7 @@ class Transformer(nnx.Module):
                                       cross_mask_B1S, read_len, cfg.attention_impl,
                                       cfg.cache_layout)
       layers.append(layer_cache)
-    # Logits in the compute dtype: with bf16 the step writes [B, V] bf16 and
-    # the search reads it (half the bytes of float32; greedy's argmax reads
-    # the rounded values, beam search casts them to float32).
-    logits_BV = self.logits(self.decoder_ln(x_B1D), cfg.compute_dtype)[:, 0]
-    return logits_BV, dict(cache, index=index + 1, layers=layers)
+    return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers)
 
 
 def _segments(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:

@@ -138,6 +138,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
+      name='decode_attention',
   )(q, k, v, bias)
   return out[:, :, :m]
 

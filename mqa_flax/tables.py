@@ -154,8 +154,11 @@ def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
 
 
 def impl_label(r: dict[str, Any]) -> str:
-  """'attention_impl/cache_layout' of a benchmark row (old rows: xla/BLKH)."""
-  return f"{r.get('attention_impl') or 'xla'}/{r.get('cache_layout') or 'BLKH'}"
+  """'attention_impl/cache_layout' of a benchmark row (old rows: xla/BLKH),
+  then '/argmax_impl' where greedy's argmax is not XLA's."""
+  label = f"{r.get('attention_impl') or 'xla'}/{r.get('cache_layout') or 'BLKH'}"
+  argmax = r.get('argmax_impl')
+  return label if argmax in (None, 'xla') else f'{label}/{argmax}'
 
 
 def peer_ratios(bench: Sequence[dict[str, Any]]) -> str:

@@ -172,6 +172,20 @@ def test_failing_impl_gives_an_error_row_and_the_others_run(tmp_path):
   assert '### Errors' in text and 'nope/BLKH' in text
 
 
+def test_impls_name_the_argmax_and_rows_and_tables_keep_it(tmp_path):
+  assert benchmark.parse_impls(['xla_reduce/BKLH/pallas', 'xla/BKLH', 'cudnn']) == [
+      ('xla_reduce', 'BKLH', 'pallas'), ('xla', 'BKLH', 'xla'), ('cudnn', 'BLKH', 'xla')]
+  rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
+                       kinds=('greedy', 'beam4'), cache_modes=('padded',), reps=1,
+                       beam_batch=2, impls=[('xla', 'BKLH', 'xla'),
+                                            ('xla', 'BKLH', 'pallas')])
+  assert [(r['kind'], r['argmax_impl']) for r in rows] == [
+      ('greedy', 'xla'), ('beam4', None), ('greedy', 'pallas'), ('beam4', None)]
+  assert all(r['us_per_token'] > 0 for r in rows)
+  text = report.write_benchmark(rows, str(tmp_path))
+  assert 'mqa (xla/BKLH/pallas)' in text and 'mqa (xla/BKLH)' in text
+
+
 def test_trained_state_is_not_donated_and_bad_kinds_raise():
   cfg = tiny(1)
   params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)

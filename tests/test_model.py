@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mqa_flax import decoding
 from mqa_flax import hlo
 from mqa_flax.config import ModelConfig
 from mqa_flax.model import Transformer, attention_mask, shift_right
@@ -107,6 +108,32 @@ def test_bad_impl_or_layout_is_refused():
     tiny(attention_impl='flash')
   with pytest.raises(ValueError, match='cache_layout'):
     tiny(cache_layout='LBKH')
+  with pytest.raises(ValueError, match='argmax_impl'):
+    tiny(argmax_impl='cuda')
+
+
+@pytest.mark.parametrize('argmax', ['xla', 'pallas'])
+def test_next_token_is_the_argmax_of_decode_step(argmax):
+  # Greedy's step, either way, picks the largest logit of decode_step's (ids
+  # >= min_id), updates the cache the same, and greedy search decodes the
+  # same tokens from it as from the logits.
+  model = Transformer(tiny(4, 1, argmax_impl=argmax), rngs=nnx.Rngs(1))
+  src, tgt = batch()
+  cache = model.init_cache(model.encode(src), src, max_len=tgt.shape[1])
+  ref_cache = cache
+  for t in range(3):
+    logits, ref_cache = model.decode_step(tgt[:, t], ref_cache)
+    # A min_id above row 0's argmax changes that row's pick.
+    for min_id in (0, min(int(jnp.argmax(logits[0])) + 1, 31)):
+      ids, new_cache = model.next_token(tgt[:, t], cache, min_id=min_id)
+      want = jnp.argmax(logits.at[:, :min_id].set(-jnp.inf), axis=-1)
+      np.testing.assert_array_equal(ids, want)
+    jax.tree.map(np.testing.assert_array_equal, new_cache, ref_cache)
+    cache = new_cache
+  init = model.init_cache(model.encode(src), src, max_len=6)
+  search = functools.partial(decoding.greedy_search, cache=init, batch_size=3,
+                             max_len=6, eos_id=2)
+  np.testing.assert_array_equal(search(model.next_token), search(model.decode_step))
 
 
 def test_beams_share_cross_attention_memory():
