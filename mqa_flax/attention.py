@@ -69,8 +69,8 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     impl: one of config.ATTENTION_IMPLS (how a T == 1 step computes).
     kv_layout: 'BSKH' or 'BKSH'.
     num_kv_heads: K, needed for 'BKSH' only.
-    scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' applies
-      it to the float32 scores, the others to q in its dtype.
+    scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' and
+      'pallas' apply it to the float32 scores, the others to q in its dtype.
 
   Returns:
     The attended values, [B, T, N, H].
@@ -89,12 +89,14 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   if impl == 'xla_reduce' and t == 1 and r == 1:
     return _attention_by_reductions(q_BTNH, k, v, mask_BTS[:, 0], kv_layout, kh,
                                     scale)
+  if impl == 'pallas' and t == 1:
+    return _pallas_attention(q_BTNH, k, v, mask_BTS.reshape(bk, r, s)[:, 0],
+                             kv_layout, kh, scale)
   if scale != 1.0:
     q_BTNH = q_BTNH * jnp.asarray(scale, q_BTNH.dtype)
-  if impl in ('cudnn', 'pallas') and t == 1:
-    valid_BS = mask_BTS.reshape(bk, r, s)[:, 0]
-    fn = _cudnn_attention if impl == 'cudnn' else _pallas_attention
-    return fn(q_BTNH, k, v, valid_BS, kv_layout, kh)
+  if impl == 'cudnn' and t == 1:
+    return _cudnn_attention(q_BTNH, k, v, mask_BTS.reshape(bk, r, s)[:, 0],
+                            kv_layout, kh)
   # Fold the R query rows that share a key/value row into the query axis.
   q = q_BTNH.reshape(bk, r * t, kh, g, h)
   if kv_layout == 'BSKH':
@@ -167,7 +169,8 @@ def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
-                      valid_BS: jax.Array, kv_layout: str, kh: int) -> jax.Array:
+                      valid_BS: jax.Array, kv_layout: str, kh: int,
+                      scale: float) -> jax.Array:
   """One query position through the Pallas decode kernel (interpreted on CPU)."""
   from mqa_flax import pallas_attention  # pylint: disable=g-import-not-at-top
   b, _, n, h = q_B1NH.shape
@@ -179,7 +182,7 @@ def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   q = q_B1NH.reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
   out = pallas_attention.decode_attention(
       q.reshape(bk, kh, r * g, h), k, v, valid_BS, kv_layout=kv_layout,
-      interpret=not for_gpu())  # [Bk, K, R*G, H]
+      scale=scale, interpret=not for_gpu())  # [Bk, K, R*G, H]
   out = out.reshape(bk, kh, r, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, 1, n, h)
 

@@ -10,7 +10,9 @@ and runs a flash-style online softmax in float32.
 
 Measured on an H100 (jax 0.11.2, `python -m mqa_flax.pallas_attention`,
 B=1024 S=128 H=128 bf16): 0.041 ms at K=1 M=8 and 0.25 ms at K=8 M=1
-(1.6-2.1 TB/s of K/V), on par with XLA's einsums there (0.040, 0.21 ms).
+(1.6-2.1 TB/s of K/V), on par with XLA's einsums there (0.040, 0.21 ms);
+that kernel padded the queries to 16 rows in HBM, where this one reads and
+writes its M rows in place (docs/perf.md, change 7).
 The GPU path needs H a power of 2 (>= 16); Triton may compute float32 dots
 in TF32.
 
@@ -32,9 +34,15 @@ _MIN_ROWS = 16  # Triton's dot needs at least 16 rows per operand.
 
 
 def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
-            seq_len: int):
-  """One (batch row, kv head): q [Mp, H], k/v [S, H], bias [S_pad] -> o [Mp, H]."""
-  q = q_ref[...]
+            seq_len: int, rows: int, kv_heads: int, scale: float):
+  """One (batch row, kv head): its M rows of q [B*K*M, H], k/v [S, H],
+  bias [S_pad] -> its M rows of o [B*K*M, H]."""
+  # The M query rows are read and written as Mp >= 16 rows (Triton's dot
+  # needs 16) by masked loads and stores, so that nothing is padded in HBM.
+  mp = max(_MIN_ROWS, pl.next_power_of_2(rows))
+  at = pl.ds((pl.program_id(0) * kv_heads + pl.program_id(1)) * rows, mp)
+  in_rows = (jnp.arange(mp) < rows)[:, None]
+  q = plgpu.load(q_ref.at[at, :], mask=in_rows, other=0)
   num_blocks = pl.cdiv(seq_len, block_s)
 
   def load(ref, i):
@@ -50,6 +58,8 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
     m, l, acc = carry  # [Mp], [Mp], [Mp, H], float32
     s = lax.dot_general(q, load(k_ref, i), (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)  # [Mp, block_s]
+    if scale != 1.0:
+      s = s * scale
     s = s + bias_ref[pl.ds(i * block_s, block_s)][None, :]
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)  # Rescales what was summed under the old max.
@@ -63,11 +73,12 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
           jnp.zeros((mp, h), jnp.float32))
   _, l, acc = lax.fori_loop(0, num_blocks, body, init)
   # l >= 1: the row's maximum contributes exp(0).
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  plgpu.store(o_ref.at[at, :], (acc / l[:, None]).astype(o_ref.dtype),
+              mask=in_rows)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     valid: jax.Array, *, kv_layout: str = 'BSKH',
+                     valid: jax.Array, *, kv_layout: str = 'BSKH', scale: float = 1.0,
                      block_s: int | None = None, interpret: bool | None = None,
                      num_warps: int = 4, num_stages: int = 2) -> jax.Array:
   """Softmax(q . k) v for one query position, in one pass over K/V.
@@ -76,11 +87,13 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   uniform softmax), as `mqa_flax.attention.dot_product_attention` does.
 
   Args:
-    q: [B, K, M, H] queries, already scaled by 1/sqrt(H).
+    q: [B, K, M, H] queries.
     k: keys, [B, S, K, H] ('BSKH') or [B, K, S, H] ('BKSH'), q's dtype.
     v: values, shaped like k.
     valid: [B, S] bool, True where key position s may be attended.
     kv_layout: 'BSKH' or 'BKSH'.
+    scale: multiplies q.k, in float32 (1/sqrt(H) in a Transformer; inside the
+      kernel, so that scaling q is no kernel of its own).
     block_s: key positions per loop step, a power of 2 >= 16 (default 64).
     interpret: None runs Pallas' interpreter on CPU, the Triton kernel elsewhere.
     num_warps: Triton warps per program.
@@ -114,9 +127,6 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
 
-  # Triton wants power-of-2 blocks of >= 16 rows: pad the (small) queries.
-  mp = max(_MIN_ROWS, pl.next_power_of_2(m))
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, mp - m), (0, 0)))
   # The mask becomes an additive bias; positions past S get -inf so that a
   # fully masked row averages over exactly S positions.
   s_pad = pl.cdiv(s, block_s) * block_s
@@ -127,10 +137,12 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     kv_spec = pl.BlockSpec((None, s, None, h), lambda i, j: (i, 0, j, 0))
   else:
     kv_spec = pl.BlockSpec((None, None, s, h), lambda i, j: (i, j, 0, 0))
-  q_spec = pl.BlockSpec((None, None, mp, h), lambda i, j: (i, j, 0, 0))
+  # q and the output as [B*K*M, H], whole: each program finds its M rows.
+  q_spec = pl.BlockSpec((b * kh * m, h), lambda i, j: (0, 0))
   out = pl.pallas_call(
-      functools.partial(_kernel, block_s=block_s, seq_len=s),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      functools.partial(_kernel, block_s=block_s, seq_len=s, rows=m, kv_heads=kh,
+                        scale=scale),
+      out_shape=jax.ShapeDtypeStruct((b * kh * m, h), q.dtype),
       grid=(b, kh),
       in_specs=[q_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, s_pad), lambda i, j: (i, 0))],
@@ -139,8 +151,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                                            num_stages=num_stages),
       interpret=interpret,
       name='decode_attention',
-  )(q, k, v, bias)
-  return out[:, :, :m]
+  )(q.reshape(b * kh * m, h), k, v, bias)
+  return out.reshape(b, kh, m, h)
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,

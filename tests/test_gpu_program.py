@@ -179,10 +179,10 @@ def test_registers_of_every_generated_kernel():
 
 
 @functools.cache
-def _paper(variant: str, argmax: str = 'xla') -> dict:
+def _paper(variant: str, argmax: str = 'xla', impl: str = 'xla_reduce') -> dict:
   c = config_lib.load_config(os.path.join(ROOT, 'configs/paper.py'), variant)
   cfg = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
-  cfg = dataclasses.replace(cfg, attention_impl='xla_reduce', cache_layout='BKLH',
+  cfg = dataclasses.replace(cfg, attention_impl=impl, cache_layout='BKLH',
                             argmax_impl=argmax)
   return gpu_program.program_report(cfg, gpu_program.Program('greedy'), 'h200',
                                     registers=True)
@@ -218,3 +218,15 @@ def test_paper_shape_fused_argmax_writes_no_logits():
   [call] = [k for k in fused['kernels'] if k['kind'] == 'pallas']
   assert call['registers'] and call['spill_bytes'] == 0
   assert call['written'] < 5e6  # Per-tile maxima and indices, no logits.
+
+
+def test_paper_shape_pallas_attention_pads_nothing_and_does_not_spill():
+  # gqa2 greedy with the Pallas decode attention: no kernel spills (its
+  # xla_reduce fusion does), and each attention kernel writes [B, N, H] bf16
+  # (2.1 MB), its queries read and written by masked loads and stores
+  # rather than padded to 16 rows in HBM and sliced back.
+  r = _paper('gqa2', 'pallas', 'pallas')
+  attention = [k for k in r['kernels'] if k['kind'] == 'pallas'][:-1]
+  assert len(attention) == 12, r['kernels_by_kind']
+  assert all(k['written'] == 1024 * 8 * 128 * 2 for k in attention)
+  assert not r['spilling_kernels'] and r['kernels_per_step'] <= 100
