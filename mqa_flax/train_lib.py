@@ -97,7 +97,14 @@ def maybe_initialize_distributed() -> None:
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag checked between steps."""
+  """Turns SIGTERM/SIGINT into a flag checked between steps.
+
+  The handler only records the signal; `signum`, what the loop acts on, is
+  set by `agree`, just before the loop decides whether the step is a
+  boundary. A signal that arrives while a boundary is logging, evaluating or
+  saving is then acted on at the next step, with a checkpoint, rather than
+  ending the loop after a boundary that saved nothing.
+  """
 
   def __init__(self):
     self.signum = None  # What the loop acts on.
@@ -112,11 +119,13 @@ class _StopSignal:
   def _handle(self, signum, frame):
     del frame
     self._seen = signum
-    if jax.process_count() == 1:
-      self.signum = signum
 
   def agree(self) -> None:
-    """Makes every process stop if any process was signalled."""
+    """Sets `signum`: this process's signal, or with several processes any
+    process's (all of them call it at the same steps and stop together)."""
+    if jax.process_count() == 1:
+      self.signum = self._seen
+      return
     flags = multihost_utils.process_allgather(np.int32(self._seen or 0))
     self.signum = int(np.max(flags)) or None
 
@@ -302,7 +311,7 @@ class Trainer:
           if pending is not None:
             self.add_metrics(*pending)
           pending = (step, m)
-          if jax.process_count() > 1 and is_due(step, c.log_every, self.total):
+          if jax.process_count() == 1 or is_due(step, c.log_every, self.total):
             stop.agree()  # A signal seen by one process stops them all, together.
           if self.is_boundary(step) or stop.signum is not None:
             self.add_metrics(*pending)
