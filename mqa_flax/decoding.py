@@ -4,10 +4,11 @@ Both searches drive a callback `tokens_to_logits(ids, cache) -> (logits, cache)`
 that consumes one token per row and returns logits [rows, V] (any float
 dtype; beam search scores in float32). Greedy search also takes a callback
 that returns the argmax token ids [rows] (an integer dtype) instead: a model
-that computes the argmax without writing its logits (`Transformer.next_token`). The first input token is 0 (pad, read
-by the model as BOS); outputs are padded with 0 after EOS. Everything runs in
-one `lax.while_loop`, so both functions are pure and jit-able, and no step
-waits on the host.
+that computes the argmax without writing its logits
+(`Transformer.next_token`). The first input token is 0 (pad, read by the
+model as BOS); outputs are padded with 0 after EOS. Everything runs in one
+`lax.while_loop`, so both functions are pure and jit-able, and no step waits
+on the host.
 
 Beam search cache contract: the callback sees `batch_size * beam_size` rows,
 sentence-major (row = b * beam_size + m). Every cache leaf whose leading axis
