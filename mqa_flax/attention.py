@@ -43,7 +43,7 @@ def for_gpu() -> bool:
 def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
                           mask_BTS: jax.Array, impl: str = 'xla',
                           kv_layout: str = 'BSKH', num_kv_heads: int = 0,
-                          scale: float = 1.0) -> jax.Array:
+                          scale: float = 1.0, num_heads: int = 0) -> jax.Array:
   """Grouped attention of N query heads over K key/value heads.
 
   The query batch may be R times the key/value batch (rows b*R .. b*R+R-1
@@ -60,7 +60,9 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   rows that share a key/value row to share its mask too, as decoding's do.
 
   Args:
-    q_BTNH: queries.
+    q_BTNH: queries; with `num_heads` = N, the first N heads of a merged
+      projection [B, T, N + 2K, H] (`Attention.project_qkv`), which 'pallas'
+      reads in place and the others slice.
     k: keys, [B, S, K, H] for kv_layout 'BSKH', or [B*K, S, H] for 'BKSH'
       (the bytes of [B, K, S, H], stored with B and K merged: XLA then reads
       it as stored, with no reshape between a cache update and its read).
@@ -71,6 +73,7 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     num_kv_heads: K, needed for 'BKSH' only.
     scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' and
       'pallas' apply it to the float32 scores, the others to q in its dtype.
+    num_heads: N, where q_BTNH holds more heads than the queries.
 
   Returns:
     The attended values, [B, T, N, H].
@@ -80,18 +83,20 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'attention impl={impl!r}; expected one of {ATTENTION_IMPLS}')
   b, t, n, h = q_BTNH.shape
+  n = num_heads or n
   if kv_layout == 'BSKH':
     bk, s, kh, _ = k.shape
   else:
     kh = num_kv_heads
     bk, s = k.shape[0] // kh, k.shape[1]
   r, g = b // bk, n // kh
+  if impl == 'pallas' and t == 1:
+    return _pallas_attention(q_BTNH, k, v, mask_BTS.reshape(bk, r, s)[:, 0],
+                             kv_layout, kh, scale, n)
+  q_BTNH = q_BTNH[:, :, :n]
   if impl == 'xla_reduce' and t == 1 and r == 1:
     return _attention_by_reductions(q_BTNH, k, v, mask_BTS[:, 0], kv_layout, kh,
                                     scale)
-  if impl == 'pallas' and t == 1:
-    return _pallas_attention(q_BTNH, k, v, mask_BTS.reshape(bk, r, s)[:, 0],
-                             kv_layout, kh, scale)
   if scale != 1.0:
     q_BTNH = q_BTNH * jnp.asarray(scale, q_BTNH.dtype)
   if impl == 'cudnn' and t == 1:
@@ -170,19 +175,27 @@ def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
 
 def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
                       valid_BS: jax.Array, kv_layout: str, kh: int,
-                      scale: float) -> jax.Array:
-  """One query position through the Pallas decode kernel (interpreted on CPU)."""
+                      scale: float, n: int) -> jax.Array:
+  """One query position through the Pallas decode kernel (interpreted on CPU).
+
+  With R = 1 the kernel reads q's first n heads where they are, with no
+  slice or transpose; rows past them (a merged projection's K/V) are unread.
+  """
   from mqa_flax import pallas_attention  # pylint: disable=g-import-not-at-top
-  b, _, n, h = q_B1NH.shape
+  b, _, heads, h = q_B1NH.shape
   bk = valid_BS.shape[0]
   r, g = b // bk, n // kh
   if kv_layout == 'BKSH':  # [B*K, S, H] -> the kernel's [B, K, S, H].
     k = k.reshape(bk, kh, -1, h)
     v = v.reshape(bk, kh, -1, h)
-  q = q_B1NH.reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
+  if r == 1:  # [B, N', H]: kv head j's queries are heads j*G .. j*G + G - 1.
+    q, rows = q_B1NH.reshape(b, heads, h), g
+  else:  # The R rows that share a kv row become its query rows.
+    q = q_B1NH[:, 0, :n].reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
+    q, rows = q.reshape(bk, kh, r * g, h), None
   out = pallas_attention.decode_attention(
-      q.reshape(bk, kh, r * g, h), k, v, valid_BS, kv_layout=kv_layout,
-      scale=scale, interpret=not for_gpu())  # [Bk, K, R*G, H]
+      q, k, v, valid_BS, kv_layout=kv_layout, scale=scale, rows=rows,
+      interpret=not for_gpu())  # [Bk, K, R*G, H]
   out = out.reshape(bk, kh, r, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, 1, n, h)
 
@@ -212,14 +225,40 @@ class Attention(nnx.Module):
     v = jnp.einsum('BSD,DKH->BSKH', x, self.v[...].astype(self.dtype))
     return k, v
 
+  def qkv_weight(self) -> jax.Array:
+    """The q, k and v weights as one [D, N + 2K, H] array."""
+    return jnp.concatenate([self.q[...], self.k[...], self.v[...]], axis=1)
+
+  def project_qkv(self, x_BTD: jax.Array, w_qkv: jax.Array | None = None
+                  ) -> jax.Array:
+    """Queries, keys and values by one GEMM: [B, T, N + 2K, H], in that order
+    (split by `split_qkv`); `w_qkv` is `qkv_weight()` if given (a decode loop
+    merges it once, outside the loop)."""
+    dt = self.dtype
+    w = self.qkv_weight() if w_qkv is None else w_qkv
+    return jnp.einsum('BTD,DNH->BTNH', x_BTD.astype(dt), w.astype(dt))
+
+  def split_qkv(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`project_qkv`'s output -> q [B, T, N, H], k and v [B, T, K, H]."""
+    n, kh = self.q.shape[1], self.k.shape[1]
+    return qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+
   def attend(self, x_BTD: jax.Array, k: jax.Array, v: jax.Array,
              mask_BTS: jax.Array, impl: str = 'xla',
              kv_layout: str = 'BSKH') -> jax.Array:
     """Projects queries from x, attends to given keys/values, projects out."""
     x = x_BTD.astype(self.dtype)
     q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
-    y = dot_product_attention(q, k, v, mask_BTS, impl, kv_layout,
-                              self.k.shape[1], self.head_dim**-0.5)
+    return self.attend_queries(q, k, v, mask_BTS, impl, kv_layout)
+
+  def attend_queries(self, q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
+                     mask_BTS: jax.Array, impl: str = 'xla',
+                     kv_layout: str = 'BSKH') -> jax.Array:
+    """Attends with projected queries (or the whole `project_qkv` output,
+    whose first N heads are the queries) and projects out."""
+    n = self.q.shape[1]
+    y = dot_product_attention(q_BTNH, k, v, mask_BTS, impl, kv_layout,
+                              self.k.shape[1], self.head_dim**-0.5, n)
     return jnp.einsum('BTNH,NHD->BTD', y, self.o[...].astype(self.dtype))
 
   def __call__(self, x_BTD: jax.Array, y_BSD: jax.Array,

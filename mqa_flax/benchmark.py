@@ -187,14 +187,15 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
   """
   def fn(params, cache):
     model = nnx.merge(graphdef, params)
+    weights = model.decode_weights()
     if beams == 1:
-      return decoding.greedy_search(model.next_token, cache, batch, tgt_len,
-                                    _NO_EOS, stop_at_eos=False, chunk=chunk,
-                                    return_cache=True)
+      return decoding.greedy_search(
+          functools.partial(model.next_token, weights=weights), cache, batch,
+          tgt_len, _NO_EOS, stop_at_eos=False, chunk=chunk, return_cache=True)
     seqs, _, cache = decoding.beam_search(
-        model.decode_step, cache, batch, beams, tgt_len, _NO_EOS,
-        stop_at_eos=False, reorder=model.reorder_cache, chunk=chunk,
-        return_cache=True)
+        functools.partial(model.decode_step, weights=weights), cache, batch,
+        beams, tgt_len, _NO_EOS, stop_at_eos=False, reorder=model.reorder_cache,
+        chunk=chunk, return_cache=True)
     return seqs, cache
   return fn
 

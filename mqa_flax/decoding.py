@@ -163,6 +163,36 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
+def _top_extensions(logits: jax.Array, alive_logp: jax.Array, k: int,
+                    forced: jax.Array | None, eos_id: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k best one-token extensions of all beams: their log-probabilities
+  (alive log-prob plus the token's), beams and tokens, [B, k] each, best first.
+
+  logits [B, M, V]; `forced` [B] (or None): only EOS may extend those
+  sentences, with its model log-probability. The k best of all M*V
+  extensions are among each beam's own k best (an extension outside them has
+  k better ones in its beam), so the top-k runs per beam on the logits (the
+  log-softmax keeps a beam's order) and only those k get log-probabilities:
+  no [B, M, V] float32 array is written or read. The same extensions, in
+  the same order, as a top-k over all M*V sums, up to which of two sums that
+  round to one float32 comes first.
+  """
+  vocab_size = logits.shape[-1]
+  x = logits.astype(jnp.float32)
+  x_max = jnp.max(x, axis=-1, keepdims=True)  # As jax.nn.log_softmax computes.
+  log_z = jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1, keepdims=True))
+  if forced is not None:
+    not_eos = (jnp.arange(vocab_size) != eos_id)[None, None, :]  # [1, 1, V]
+    logits = jnp.where(forced[:, None, None] & not_eos, -jnp.inf, logits)
+  best, tok = jax.lax.top_k(logits, min(k, vocab_size))  # [B, M, k']
+  cand = alive_logp[:, :, None] + ((best.astype(jnp.float32) - x_max) - log_z)
+  top_logp, top_idx = jax.lax.top_k(cand.reshape(cand.shape[0], -1), k)  # [B, k]
+  per_beam = best.shape[-1]
+  top_tok = jnp.take_along_axis(tok.reshape(tok.shape[0], -1), top_idx, axis=1)
+  return top_logp, top_idx // per_beam, top_tok
+
+
 def gather_rows(cache: Cache, rows: jax.Array, upto: int | None = None) -> Cache:
   """The default beam reorder: per-beam leaves (leading axis B*M) take rows.
 
@@ -297,18 +327,13 @@ def beam_search(
     ids = jnp.where(s.step == 0, 0, last)  # [B, M]
     bound = {} if read_len is None else {'read_len': read_len}
     logits, cache = tokens_to_logits(ids.reshape(-1), s.cache, **bound)  # [B*M, V]
-    vocab_size = logits.shape[-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    logp = logp.reshape(batch_size, beam_size, vocab_size)  # [B, M, V]
-    forced = _forced_eos(s.step, max_lens)
-    if forced is not None:
-      not_eos = jnp.arange(vocab_size)[None, None, :] != eos_id  # [1, 1, V]
-      logp = jnp.where(forced[:, None, None] & not_eos, -jnp.inf, logp)
-
-    # Top 2M extensions of all alive beams.
-    cand = (s.alive_logp[:, :, None] + logp).reshape(batch_size, -1)
-    top_logp, top_idx = jax.lax.top_k(cand, 2 * beam_size)  # [B, 2M]
-    top_beam, top_tok = top_idx // vocab_size, top_idx % vocab_size
+    # The updated cache, as it is, is what the reorder reads: without the
+    # barrier XLA may fuse a layer's cache update into the reorder's gather,
+    # which then needs the cache from before the update, copied.
+    cache = jax.lax.optimization_barrier(cache)
+    top_logp, top_beam, top_tok = _top_extensions(
+        logits.reshape(batch_size, beam_size, -1), s.alive_logp, 2 * beam_size,
+        _forced_eos(s.step, max_lens), eos_id)  # [B, 2M] each
     top_seqs = _gather_beams(s.alive_seqs, top_beam)
     top_seqs = top_seqs.at[:, :, s.step].set(top_tok)  # --> [B, 2M, T]
     is_eos = top_tok == eos_id  # [B, 2M]

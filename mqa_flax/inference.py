@@ -37,13 +37,16 @@ def search(graphdef: nnx.GraphDef, state: nnx.State, inputs_BS: jax.Array, *,
   cache = model.init_cache(model.encode(inputs_BS), inputs_BS, max_len,
                            beam_size)
 
+  weights = model.decode_weights()
+
   def tokens_to_logits(ids, cache):  # Padding is never a prediction.
-    logits, cache = model.decode_step(ids, cache)
+    logits, cache = model.decode_step(ids, cache, weights=weights)
     return logits.at[:, 0].set(-jnp.inf), cache
 
   if beam_size == 1:
-    return decoding.greedy_search(functools.partial(model.next_token, min_id=1),
-                                  cache, batch, max_len, eos_id, max_lens)
+    return decoding.greedy_search(
+        functools.partial(model.next_token, min_id=1, weights=weights), cache,
+        batch, max_len, eos_id, max_lens)
   seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch, beam_size,
                                  max_len, eos_id, alpha, max_lens,
                                  reorder=model.reorder_cache)

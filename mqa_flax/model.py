@@ -146,15 +146,18 @@ class DecoderLayer(nnx.Module):
 
   def step(self, x_B1D: jax.Array, cache: Cache, index: jax.Array,
            self_mask_B1L: jax.Array, cross_mask_B1S: jax.Array,
-           read_len: int | None, impl: str, layout: str) -> tuple[jax.Array, Cache]:
+           read_len: int | None, impl: str, layout: str,
+           w_qkv: jax.Array | None = None) -> tuple[jax.Array, Cache]:
     """One incremental position: writes its K/V into the cache, then attends.
 
     The cache is written in place and read as it is; only a static
     `read_len` < L slices it (the growing cache), and the full cache is read
-    with no slice at all.
+    with no slice at all. `w_qkv`: the self-attention's `qkv_weight()`.
     """
-    h_B1D = self.ln1(x_B1D)
-    k, v = self.self_attn.project_kv(h_B1D)  # [B, 1, K, H]
+    # Queries, keys and values by one GEMM; the Pallas attention reads the
+    # queries out of its output in place.
+    qkv = self.self_attn.project_qkv(self.ln1(x_B1D), w_qkv)  # [B, 1, N+2K, H]
+    _, k, v = self.self_attn.split_qkv(qkv)  # [B, 1, K, H]
     if layout == 'BKLH':  # -> [B*K, 1, H], the cache's rows.
       k, v = _to_rows(k), _to_rows(v)
     length = cache['k'].shape[1]  # Axis 1 is L in both layouts.
@@ -170,8 +173,8 @@ class DecoderLayer(nnx.Module):
       rk = jax.lax.slice_in_dim(ck, 0, read_len, axis=1)
       rv = jax.lax.slice_in_dim(cv, 0, read_len, axis=1)
     kv_layout = _KV_LAYOUT[layout]
-    x_B1D = x_B1D + self.self_attn.attend(h_B1D, rk, rv, self_mask_B1L, impl,
-                                          kv_layout)
+    x_B1D = x_B1D + self.self_attn.attend_queries(qkv, rk, rv, self_mask_B1L,
+                                                  impl, kv_layout)
     x_B1D = x_B1D + self.cross_attn.attend(
         self.ln2(x_B1D), cache['cross_k'], cache['cross_v'], cross_mask_B1S, impl,
         kv_layout)
@@ -314,24 +317,37 @@ class Transformer(nnx.Module):
     layers = [dict(c, k=take(c['k']), v=take(c['v'])) for c in cache['layers']]
     return dict(cache, layers=layers)
 
+  def decode_weights(self) -> list[jax.Array]:
+    """Weights that `decode_step` and `next_token` would otherwise derive from
+    the parameters at every step: each decoder layer's self-attention q, k, v
+    weights as one array (`Attention.qkv_weight`). A decode loop computes them
+    once, before the loop, and passes them as `weights`: XLA does not hoist
+    the concatenation out of a while loop, and would run it every step."""
+    return [layer.self_attn.qkv_weight() for layer in self.decoder]
+
   def decode_step(self, ids_B: jax.Array, cache: Cache,
-                  read_len: int | None = None) -> tuple[jax.Array, Cache]:
+                  read_len: int | None = None,
+                  weights: list[jax.Array] | None = None
+                  ) -> tuple[jax.Array, Cache]:
     """Logits [B, V] (compute dtype) for the next token after `ids_B`, and the
     updated cache.
 
     `read_len` (static) limits self-attention to the first `read_len` cache
-    slots; it must exceed the current index.
+    slots; it must exceed the current index. `weights`: `decode_weights()`,
+    or None to derive them here.
     """
-    h_B1D, cache = self._decoder_step(ids_B, cache, read_len)
+    h_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
     # Logits in the compute dtype: with bf16 the step writes [B, V] bf16 and
     # the search reads it (half the bytes of float32; greedy's argmax reads
     # the rounded values, beam search casts them to float32).
     return self.logits(h_B1D, self.cfg.compute_dtype)[:, 0], cache
 
   def next_token(self, ids_B: jax.Array, cache: Cache, read_len: int | None = None,
-                 min_id: int = 0) -> tuple[jax.Array, Cache]:
+                 min_id: int = 0, weights: list[jax.Array] | None = None
+                 ) -> tuple[jax.Array, Cache]:
     """Greedy decoding's step: the argmax token [B] int32 after `ids_B` (of the
-    ids >= `min_id`), and the updated cache (`read_len` as in `decode_step`).
+    ids >= `min_id`), and the updated cache (`read_len` and `weights` as in
+    `decode_step`).
 
     `cfg.argmax_impl` 'xla' takes the argmax of `decode_step`'s logits;
     'pallas' computes it inside the output GEMM without writing the logits
@@ -339,20 +355,20 @@ class Transformer(nnx.Module):
     dtype may break the other way).
     """
     if self.cfg.argmax_impl == 'xla':
-      logits_BV, cache = self.decode_step(ids_B, cache, read_len)
+      logits_BV, cache = self.decode_step(ids_B, cache, read_len, weights)
       if min_id:
         logits_BV = logits_BV.at[:, :min_id].set(-jnp.inf)
       return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
     from mqa_flax import pallas_argmax  # pylint: disable=g-import-not-at-top
-    h_B1D, cache = self._decoder_step(ids_B, cache, read_len)
+    h_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
     dt = self.cfg.compute_dtype
     ids = pallas_argmax.logits_argmax(
         h_B1D[:, 0].astype(dt), self.embed[...].astype(dt), min_id=min_id,
         interpret=not for_gpu())
     return ids, cache
 
-  def _decoder_step(self, ids_B: jax.Array, cache: Cache, read_len: int | None
-                    ) -> tuple[jax.Array, Cache]:
+  def _decoder_step(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
+                    weights: list[jax.Array] | None) -> tuple[jax.Array, Cache]:
     """The decoder stack over one position: the final LayerNorm's output
     [B, 1, D] and the updated cache."""
     index = cache['index']
@@ -369,11 +385,12 @@ class Transformer(nnx.Module):
     src_mask_BS = cache['src_mask']
     repeats = rows // src_mask_BS.shape[0]  # Beams per sentence.
     cross_mask_B1S = jnp.repeat(src_mask_BS, repeats, axis=0)[:, None, :]
+    weights = weights or [None] * len(self.decoder)
     layers = []
-    for layer, layer_cache in zip(self.decoder, cache['layers']):
+    for layer, layer_cache, w_qkv in zip(self.decoder, cache['layers'], weights):
       x_B1D, layer_cache = layer.step(x_B1D, layer_cache, index, self_mask_B1L,
                                       cross_mask_B1S, read_len, cfg.attention_impl,
-                                      cfg.cache_layout)
+                                      cfg.cache_layout, w_qkv)
       layers.append(layer_cache)
     return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers)
 

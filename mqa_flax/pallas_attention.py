@@ -34,15 +34,16 @@ _MIN_ROWS = 16  # Triton's dot needs at least 16 rows per operand.
 
 
 def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
-            seq_len: int, rows: int, kv_heads: int, scale: float):
-  """One (batch row, kv head): its M rows of q [B*K*M, H], k/v [S, H],
-  bias [S_pad] -> its M rows of o [B*K*M, H]."""
+            seq_len: int, rows: int, kv_heads: int, q_rows: int, scale: float):
+  """One (batch row b, kv head j): q [B*Q, H] rows b*Q + j*M .. + M - 1,
+  k/v [S, H], bias [S_pad] -> o [B*K*M, H] rows (b*K + j)*M .. + M - 1."""
   # The M query rows are read and written as Mp >= 16 rows (Triton's dot
   # needs 16) by masked loads and stores, so that nothing is padded in HBM.
   mp = max(_MIN_ROWS, pl.next_power_of_2(rows))
-  at = pl.ds((pl.program_id(0) * kv_heads + pl.program_id(1)) * rows, mp)
+  b, j = pl.program_id(0), pl.program_id(1)
   in_rows = (jnp.arange(mp) < rows)[:, None]
-  q = plgpu.load(q_ref.at[at, :], mask=in_rows, other=0)
+  q = plgpu.load(q_ref.at[pl.ds(b * q_rows + j * rows, mp), :], mask=in_rows,
+                 other=0)
   num_blocks = pl.cdiv(seq_len, block_s)
 
   def load(ref, i):
@@ -73,27 +74,32 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
           jnp.zeros((mp, h), jnp.float32))
   _, l, acc = lax.fori_loop(0, num_blocks, body, init)
   # l >= 1: the row's maximum contributes exp(0).
-  plgpu.store(o_ref.at[at, :], (acc / l[:, None]).astype(o_ref.dtype),
-              mask=in_rows)
+  plgpu.store(o_ref.at[pl.ds((b * kv_heads + j) * rows, mp), :],
+              (acc / l[:, None]).astype(o_ref.dtype), mask=in_rows)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      valid: jax.Array, *, kv_layout: str = 'BSKH', scale: float = 1.0,
-                     block_s: int | None = None, interpret: bool | None = None,
-                     num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                     rows: int | None = None, block_s: int | None = None,
+                     interpret: bool | None = None, num_warps: int = 4,
+                     num_stages: int = 2) -> jax.Array:
   """Softmax(q . k) v for one query position, in one pass over K/V.
 
   A row with no valid key position returns the mean of v over all S (a
   uniform softmax), as `mqa_flax.attention.dot_product_attention` does.
 
   Args:
-    q: [B, K, M, H] queries.
+    q: [B, K, M, H] queries; or [B, Q, H] with `rows` = M, where rows
+      j*M .. j*M + M - 1 of q[b] are kv head j's queries and rows from K*M on
+      are never read (the keys and values of a merged projection
+      [B, N + 2K, H]: its queries are read in place, with no slice).
     k: keys, [B, S, K, H] ('BSKH') or [B, K, S, H] ('BKSH'), q's dtype.
     v: values, shaped like k.
     valid: [B, S] bool, True where key position s may be attended.
     kv_layout: 'BSKH' or 'BKSH'.
     scale: multiplies q.k, in float32 (1/sqrt(H) in a Transformer; inside the
       kernel, so that scaling q is no kernel of its own).
+    rows: M, for a 3-d q only.
     block_s: key positions per loop step, a power of 2 >= 16 (default 64).
     interpret: None runs Pallas' interpreter on CPU, the Triton kernel elsewhere.
     num_warps: Triton warps per program.
@@ -104,19 +110,22 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   if kv_layout not in ('BSKH', 'BKSH'):
     raise ValueError(f"kv_layout must be 'BSKH' or 'BKSH', got {kv_layout!r}")
-  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f'need q [B, K, M, H] and k, v of one 4-d shape; got '
-                     f'q {q.shape}, k {k.shape}, v {v.shape}')
-  b, kh, m, h = q.shape
-  if kv_layout == 'BSKH':
-    s = k.shape[1]
-    kv_bkh = (k.shape[0], k.shape[2], k.shape[3])
+  if q.ndim != (3 if rows else 4) or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f'need q [B, K, M, H] (or [B, Q, H] with rows=M) and k, v '
+                     f'of one 4-d shape; got q {q.shape}, rows={rows}, k '
+                     f'{k.shape}, v {v.shape}')
+  s, kh = (k.shape[1], k.shape[2]) if kv_layout == 'BSKH' else k.shape[2:0:-1]
+  if rows:
+    (b, q_rows, h), m = q.shape, rows
   else:
-    s = k.shape[2]
-    kv_bkh = (k.shape[0], k.shape[1], k.shape[3])
-  if kv_bkh != (b, kh, h):
-    raise ValueError(f'q {q.shape} = [B, K, M, H] does not match k/v '
-                     f'{k.shape} = [{", ".join(kv_layout)}] in B, K or H')
+    b, _, m, h = q.shape
+    q_rows = q.shape[1] * m
+  if (k.shape[0], k.shape[3]) != (b, h) or (not rows and q.shape[1] != kh):
+    raise ValueError(f'q {q.shape} does not match k/v {k.shape} = '
+                     f'[{", ".join(kv_layout)}] in B, K or H')
+  if q_rows < kh * m:
+    raise ValueError(f'q {q.shape} holds fewer than K*M = {kh}*{m} rows a batch '
+                     f'row')
   if valid.shape != (b, s):
     raise ValueError(f'valid must be [B, S] = {(b, s)}, got {valid.shape}')
   if not q.dtype == k.dtype == v.dtype:
@@ -137,21 +146,22 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     kv_spec = pl.BlockSpec((None, s, None, h), lambda i, j: (i, 0, j, 0))
   else:
     kv_spec = pl.BlockSpec((None, None, s, h), lambda i, j: (i, j, 0, 0))
-  # q and the output as [B*K*M, H], whole: each program finds its M rows.
-  q_spec = pl.BlockSpec((b * kh * m, h), lambda i, j: (0, 0))
+  # q as [B*Q, H] and the output as [B*K*M, H], whole: each program finds
+  # its M rows.
+  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
   out = pl.pallas_call(
       functools.partial(_kernel, block_s=block_s, seq_len=s, rows=m, kv_heads=kh,
-                        scale=scale),
+                        q_rows=q_rows, scale=scale),
       out_shape=jax.ShapeDtypeStruct((b * kh * m, h), q.dtype),
       grid=(b, kh),
-      in_specs=[q_spec, kv_spec, kv_spec,
+      in_specs=[whole((b * q_rows, h)), kv_spec, kv_spec,
                 pl.BlockSpec((None, s_pad), lambda i, j: (i, 0))],
-      out_specs=q_spec,
+      out_specs=whole((b * kh * m, h)),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
       name='decode_attention',
-  )(q.reshape(b * kh * m, h), k, v, bias)
+  )(q.reshape(b * q_rows, h), k, v, bias)
   return out.reshape(b, kh, m, h)
 
 

@@ -118,6 +118,20 @@ def test_pallas_impl_at_one_query_position_equals_xla():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', ['xla', 'xla_reduce', 'pallas'])
+def test_queries_given_as_a_merged_projection(impl):
+  # With num_heads, q may be a merged projection [B, 1, N + 2K, H] whose
+  # first N heads are the queries: each impl attends with those alone (the
+  # NaN keys and values after them are never read).
+  k = 2
+  q, kk, v, mask = _inputs(k, t=1, seed=8)
+  merged = np.concatenate([q, np.full((B, 1, 2 * k, H), np.nan, np.float32)], axis=2)
+  want = _dpa(q, kk, v, mask, impl=impl)
+  got = jax.jit(attention.dot_product_attention, static_argnames=(
+      'impl', 'num_heads'))(merged, kk, v, mask, impl=impl, num_heads=N)
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
 @pytest.mark.parametrize('k', [N, 2, 1], ids=['mha', 'gqa', 'mqa'])
 def test_xla_reduce_at_one_query_position_matches_naive(k, kv_layout):

@@ -355,3 +355,30 @@ def test_stop_at_eos_false_runs_every_step(search):
   chex.assert_trees_all_equal(outputs[0], outputs[1])
   assert len(steps[0]) < max_len  # Stopped early...
   assert steps[1] == list(range(max_len))  # ...unless told not to.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k", [4, 8, 70])
+def test_top_extensions_per_beam_equal_the_top_of_all_sums(dtype, k):
+  # The top-k over each beam's logits, then over the M * k candidates, picks
+  # the extensions that the top-k over all M * V log-prob sums picks, in the
+  # same order, including the forced-EOS rows and beams not yet alive;
+  # k = 70 > V = 50 takes whole rows.
+  b, m, v, eos = 3, 4, 50, 7
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  logits = (4.0 * jax.random.normal(keys[0], (b, m, v))).astype(dtype)
+  alive = -jax.random.uniform(keys[1], (b, m)) * 3
+  alive = alive.at[0, 1:].set(-jnp.inf)  # Step 0: one live beam.
+  forced = jnp.array([False, True, False])
+  got = decoding._top_extensions(logits, alive, k, forced, eos)
+
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  not_eos = (jnp.arange(v) != eos)[None, None, :]
+  logp = jnp.where(forced[:, None, None] & not_eos, -jnp.inf, logp)
+  want_logp, idx = jax.lax.top_k((alive[:, :, None] + logp).reshape(b, -1),
+                                 min(k, m * v))
+  finite = np.isfinite(np.asarray(want_logp))
+  np.testing.assert_array_equal(np.asarray(got[0])[finite], want_logp[finite])
+  np.testing.assert_array_equal(np.asarray(got[1])[finite], (idx // v)[finite])
+  np.testing.assert_array_equal(np.asarray(got[2])[finite], (idx % v)[finite])
+  assert np.all(np.asarray(got[2])[1][finite[1]] == eos)  # Forced: EOS only.

@@ -85,8 +85,10 @@ def test_incremental_decoding_equals_forward(variant, read_len, impl):
   dec_in = shift_right(tgt, (tgt != 0).astype(jnp.int32))
   cache = model.init_cache(model.encode(src), src, max_len=tgt.shape[1])
   step = jax.jit(model.decode_step, static_argnums=2)
+  weights = model.decode_weights()  # Given at odd steps, derived at even.
   for t in range(tgt.shape[1]):
-    logits, cache = step(dec_in[:, t], cache, t + 1 if read_len else None)
+    logits, cache = step(dec_in[:, t], cache, t + 1 if read_len else None,
+                         weights if t % 2 else None)
     real = np.asarray(tgt[:, t] != 0)
     np.testing.assert_allclose(logits[real], full[real, t], atol=1e-5, rtol=1e-5)
   if cfg.local_window:  # The ring buffer holds the window only.

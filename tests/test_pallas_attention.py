@@ -40,6 +40,21 @@ def test_matches_reference_float32(kh, beams, kv_layout):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('kh', [1, 2])
+def test_queries_read_in_place_from_a_merged_projection(kh):
+  # q as [B, Q, H] with rows=M: kv head j's queries are rows j*M .. j*M+M-1
+  # of each q[b]; the rows after K*M (a merged projection's keys and values)
+  # are never read, so NaN there changes nothing.
+  m = N // kh
+  q, k, v, valid = _inputs(3, 40, kh, m, 32, jnp.float32, 'BSKH', seed=2)
+  merged = jnp.concatenate([q.reshape(3, kh * m, 32),
+                            jnp.full((3, 2 * kh, 32), jnp.nan)], axis=1)
+  got = decode_attention(merged, k, v, valid, rows=m, block_s=16)
+  np.testing.assert_array_equal(got, decode_attention(q, k, v, valid, block_s=16))
+  with pytest.raises(ValueError, match='fewer than K'):
+    decode_attention(merged[:, :kh * m - 1], k, v, valid, rows=m)
+
+
 def test_empty_row_is_mean_of_values():
   q, k, v, valid = _inputs(3, 40, 2, 4, 32, jnp.float32, 'BSKH')
   got = decode_attention(q, k, v, valid, block_s=16)
