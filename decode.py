@@ -82,6 +82,10 @@ _B_IMPLS = flags.DEFINE_list(
     "argmax: xla, pallas, xla if left out), timed in this order, one row each, "
     "e.g. xla/BKLH,xla_reduce/BKLH,xla_reduce/BKLH/pallas. One that fails to "
     "compile or run gives an error row. Default: the config's decode values.")
+_B_PROFILE = flags.DEFINE_bool(
+    'bench_profile', False, 'benchmark: run each padded decoder row once more '
+    'under the profiler; its row then carries `profile`, the measured time of '
+    'each kernel of the loop beside the bytes it moves (mqa_flax.kernel_times).')
 
 
 def _positive_ints(values: list[str], count: int | None = None) -> bool:
@@ -202,7 +206,8 @@ def benchmark_mode() -> str:
       variants, [int(b) for b in _B_BATCH.value], _B_KINDS.value, states=states,
       src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,
       train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
-      impls=benchmark.parse_impls(_B_IMPLS.value) or None, emit=emit)
+      impls=benchmark.parse_impls(_B_IMPLS.value) or None,
+      profile=_B_PROFILE.value, emit=emit)
   table = report.write_benchmark(rows, out)
   print(table)
   print(f'wrote {out}/benchmark.jsonl and {out}/table2.md')

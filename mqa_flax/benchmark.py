@@ -60,6 +60,7 @@ from mqa_flax import costs
 from mqa_flax import decoding
 from mqa_flax import errors
 from mqa_flax import hlo
+from mqa_flax import kernel_times
 from mqa_flax import state as state_lib
 from mqa_flax import steps
 from mqa_flax.config import ModelConfig
@@ -202,7 +203,7 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
 
 def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, beams: int, mode: str, s: int, t: int, chunk: int,
-                  seed: int, dev: dict, timing: dict) -> dict:
+                  seed: int, dev: dict, timing: dict, profile: bool = False) -> dict:
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
   make_cache = jax.jit(functools.partial(encode_cache, graphdef, max_len=t,
                                          beam_size=beams))
@@ -211,9 +212,8 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
              for x in layer.values())
   stats = _analyze(cfg, b, s, t, beams)
   fn = decode_fn(graphdef, b, beams, t, chunk if mode == 'growing' else None)
-  compiled, compile_s, sec = _timed(
-      fn, lambda _: (params, make_cache(params, inputs)), donate=DECODE_DONATE,
-      **timing)
+  args = lambda _: (params, make_cache(params, inputs))
+  compiled, compile_s, sec = _timed(fn, args, donate=DECODE_DONATE, **timing)
   text = compiled.as_text()
   steps = decoding.steps_per_loop(beams, chunk if mode == 'growing' else None)
   by_kind = {k: v // steps for k, v in hlo.loop_traffic(text, leaf).items()}
@@ -225,6 +225,9 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                            hlo.beam_reorder_arrays(cfg.num_decoder_layers, beams, mode),
                            steps)
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
+  if profile and mode == 'padded':  # Growing mode's loops run part of the steps each.
+    program['profile'] = _profile(compiled, args(None), counts['kernels'], t,
+                                  steps, sec)
   return dict(
       kind=decoding.search_name(beams), cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
@@ -233,6 +236,17 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
       reorder_bytes_per_step=reorder,
       **_fields(stats[f'decode_bytes_per_step_{mode}'] + reorder, t, b * t,
                 beams * stats['decode_flops_per_token'], sec, dev))
+
+
+def _profile(compiled, args: tuple, kernels: list[dict], t: int, steps: int,
+             sec: float) -> dict:
+  """`kernel_times.per_step` of one more call, or the error that stopped it."""
+  try:
+    return kernel_times.per_step(kernel_times.profile(compiled, args), kernels, t,
+                                 steps, sec)
+  except Exception as err:  # pylint: disable=broad-except
+    logging.error('profiling failed: %s: %s', type(err).__name__, err)
+    return dict(error=f'{type(err).__name__}: {err}'[:500])
 
 
 def train_batch(ids: jax.Array) -> dict[str, jax.Array]:
@@ -292,6 +306,7 @@ def run(variants: dict[str, ModelConfig], *,
         cache_modes: Sequence[str] = CACHE_MODES, reps: int = 5,
         warmup: int = 1, kinds: Sequence[str] = KINDS, chunk: int = 16,
         seed: int = 0, impls: Sequence[tuple[str, str, str]] | None = None,
+        profile: bool = False,
         emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
@@ -310,6 +325,9 @@ def run(variants: dict[str, ModelConfig], *,
       (`parse_impls`); each decoder row is timed for each, in this order
       (default: the variant's own). The encoder is timed with the first's
       layout, training with its own config ('xla').
+    profile: each padded decoder row also runs once under the profiler and
+      carries `profile`, its loop's measured kernel times beside their bytes
+      (`kernel_times.per_step`; `{'error': ...}` where profiling failed).
     emit: called with each row as soon as it is measured (e.g.
       `metrics.jsonl_appender`). Inside `errors.stop_between_steps`, a
       signal stops the run after the row being measured.
@@ -365,7 +383,7 @@ def run(variants: dict[str, ModelConfig], *,
       cfg = dataclasses.replace(base_cfg, attention_impl=impl,
                                 cache_layout=layout, argmax_impl=argmax)
       return _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
-                           tgt_len, chunk, seed, d, timing)
+                           tgt_len, chunk, seed, d, timing, profile)
 
     if 'encoder' in kinds:
       first = dataclasses.replace(base_cfg, attention_impl='xla',

@@ -127,9 +127,11 @@ BENCH = {
     'main': ('--variants=mha,mqa,gqa2', '--bench_batch=1024',
              '--bench_kinds=encoder,greedy,beam4'),
     'impls': ('--variants=mha,mqa', '--bench_batch=1024', '--bench_kinds=greedy',
-              '--bench_impls=xla/BKLH,xla_reduce/BKLH,cudnn/BLKH,xla/BLKH'),
+              '--bench_impls=xla/BKLH,xla_reduce/BKLH,cudnn/BLKH,xla/BLKH',
+              '--bench_profile'),
     'pallas': ('--variants=mha,mqa,gqa2', '--bench_batch=1024', '--bench_kinds=greedy',
-               '--bench_impls=xla_reduce/BKLH,xla_reduce/BKLH/pallas,pallas/BKLH/pallas'),
+               '--bench_impls=xla_reduce/BKLH,xla_reduce/BKLH/pallas,pallas/BKLH/pallas',
+               '--bench_profile'),
     'train': ('--variants=mha,mqa,gqa2', '--bench_kinds=train'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
               '--bench_kinds=greedy,beam4'),
@@ -151,10 +153,11 @@ STEPS = {False: 2520, True: 20}
 # Guesses: scoring a run, converting, the smoke test, the local, batch and
 # Pallas parts (the comparison's four pairs then had pallas/BKLH where
 # xla_reduce/BKLH is now: about 15 s a row, so 135 s for the Pallas part's
-# nine).
+# nine), and for the parts that profile (--bench_profile) about 1.5 s more
+# per padded decoder row: impls 120 + 12, pallas 135 + 14.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
-            impls=120, peer=160, train=125, local=90, batches=90, pallas=135)
-H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas'}
+            impls=132, peer=160, train=125, local=90, batches=90, pallas=149)
+H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
             impls=40, peer=30, train=15, local=30, batches=25, pallas=15)
 
