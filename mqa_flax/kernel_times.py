@@ -99,13 +99,13 @@ def per_step(events: Sequence[tuple[str | None, str, float]],
     `kernels` (the TOP longest: name, kind, µs per step, MB moved per run,
     GB/s while it runs),
     `other_us_per_call` (events of instructions outside the loop), and
-    `unmatched` (the longest events that match no instruction, by name, µs
-    per call).
+    `unmatched` (the events that match no instruction, by name, the longest
+    first: µs and runs per call).
   """
   by_name = {k['name']: k for k in kernels}
   by_kernel_name = {k['name'].replace('.', '_'): k for k in kernels}
   spent: dict[str, float] = collections.Counter()
-  other, unmatched = 0.0, collections.Counter()
+  other, unmatched, runs = 0.0, collections.Counter(), collections.Counter()
   for op, name, us in events:
     kernel = by_name.get(op) if op else by_kernel_name.get(name)
     if kernel:
@@ -114,6 +114,7 @@ def per_step(events: Sequence[tuple[str | None, str, float]],
       other += us
     else:
       unmatched[name] += us
+      runs[name] += 1
   kernel_us = sum(spent.values()) / steps
   wall_us = wall_s / steps * 1e6
   by_kind = collections.Counter()
@@ -131,5 +132,5 @@ def per_step(events: Sequence[tuple[str | None, str, float]],
       busy_fraction=round(kernel_us / wall_us, 3) if wall_us else None,
       us_by_kind={k: round(v, 2) for k, v in by_kind.most_common()},
       kernels=top, other_us_per_call=round(other, 1),
-      unmatched=[dict(name=n[:120], us=round(us, 1))
-                 for n, us in unmatched.most_common(5)])
+      unmatched=[dict(name=n[:120], us=round(us, 1), runs=runs[n])
+                 for n, us in unmatched.most_common(TOP)])

@@ -26,7 +26,7 @@ def test_per_step_matches_events_to_kernels_and_divides_by_steps():
                                    gbps=400.0)  # 4 MB in 10 µs.
   assert got['kernels'][1]['name'] == 'loop_add_fusion'
   assert got['other_us_per_call'] == 7.0
-  assert got['unmatched'] == [dict(name='cudaMemcpy', us=4.0)]
+  assert got['unmatched'] == [dict(name='cudaMemcpy', us=4.0, runs=2)]
 
 
 def test_profile_sees_each_run_of_a_loop_body():
