@@ -82,6 +82,10 @@ _B_IMPLS = flags.DEFINE_list(
     "argmax: xla, pallas, xla if left out), timed in this order, one row each, "
     "e.g. xla/BKLH,xla_reduce/BKLH,xla_reduce/BKLH/pallas. One that fails to "
     "compile or run gives an error row. Default: the config's decode values.")
+_CACHE_MODES = ('padded', 'growing')  # benchmark.CACHE_MODES (imported on use).
+_B_CACHE_MODES = flags.DEFINE_list(
+    'bench_cache_modes', list(_CACHE_MODES),
+    'benchmark: cache modes of the decoder rows (padded, growing).')
 _B_PROFILE = flags.DEFINE_bool(
     'bench_profile', False, 'benchmark: run each padded decoder row once more '
     'under the profiler; its row then carries `profile`, the measured time of '
@@ -103,6 +107,9 @@ for _name, _count in (('beam_size', None), ('bench_batch', None),
       _name, functools.partial(_positive_ints, count=_count),
       f'--{_name} takes {"two" if _count else "a list of"} positive integers '
       '(comma-separated)')
+flags.register_validator(
+    'bench_cache_modes', lambda v: bool(v) and set(v) <= set(_CACHE_MODES),
+    f'--bench_cache_modes takes some of {",".join(_CACHE_MODES)}')
 flags.register_validator('alpha', lambda a: a is None or math.isfinite(a),
                          '--alpha must be a finite number >= 0')
 
@@ -206,6 +213,7 @@ def benchmark_mode() -> str:
       variants, [int(b) for b in _B_BATCH.value], _B_KINDS.value, states=states,
       src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,
       train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
+      cache_modes=_B_CACHE_MODES.value,
       impls=benchmark.parse_impls(_B_IMPLS.value) or None,
       profile=_B_PROFILE.value, emit=emit)
   table = report.write_benchmark(rows, out)

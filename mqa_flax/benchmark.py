@@ -318,7 +318,7 @@ def run(variants: dict[str, ModelConfig], *,
     batch: sentences decoded greedily.
     beam_batch: sentences of beam search, each with `beam_size` beams. Kind
       'beam4' selects beam search; its rows are labelled f'beam{beam_size}'.
-    cache_modes: greedy cache modes; beam search is padded only.
+    cache_modes: cache modes of the greedy and beam rows.
     kinds: from KINDS; the encoder is timed at the greedy and beam batches.
     chunk: steps per loop in growing mode.
     impls: (attention_impl, cache_layout, argmax_impl) triples

@@ -120,6 +120,7 @@ UNITS = (
     Unit('table2-local', 'table2', ('local',)),
     Unit('table2-batches', 'table2', ('batches',)),
     Unit('table2-pallas', 'table2', ('pallas',)),
+    Unit('table2-beam', 'table2', ('beam',)),
 )
 # Table 2 parts: `decode.py --mode=benchmark` flags at the paper's shape
 # (configs/paper.py, random weights, bf16; beam 4 at 256 sentences).
@@ -132,6 +133,8 @@ BENCH = {
     'pallas': ('--variants=mha,mqa,gqa2', '--bench_batch=1024', '--bench_kinds=greedy',
                '--bench_impls=xla_reduce/BKLH,xla_reduce/BKLH/pallas,pallas/BKLH/pallas',
                '--bench_profile'),
+    'beam': ('--variants=mha,mqa,gqa2', '--bench_kinds=beam4', '--bench_cache_modes=padded',
+             '--bench_impls=xla/BKLH,xla_reduce/BKLH,pallas/BKLH', '--bench_profile'),
     'train': ('--variants=mha,mqa,gqa2', '--bench_kinds=train'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
               '--bench_kinds=greedy,beam4'),
@@ -154,12 +157,14 @@ STEPS = {False: 2520, True: 20}
 # Pallas parts (the comparison's four pairs then had pallas/BKLH where
 # xla_reduce/BKLH is now: about 15 s a row, so 135 s for the Pallas part's
 # nine), and for the parts that profile (--bench_profile) about 1.5 s more
-# per padded decoder row: impls 120 + 12, pallas 135 + 14.
+# per padded decoder row: impls 120 + 12, pallas 135 + 14; the beam part's
+# nine beam-4 rows about 15 s each, 135 + 14.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
-            impls=132, peer=160, train=125, local=90, batches=90, pallas=149)
-H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls'}
+            impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=149)
+H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls',
+                'beam'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
-            impls=40, peer=30, train=15, local=30, batches=25, pallas=15)
+            impls=40, peer=30, train=15, local=30, batches=25, pallas=15, beam=15)
 
 
 class JobError(Exception):
@@ -183,7 +188,7 @@ class Estimates:
     self.src = {k: 'guess' if (k in H100_GUESSED and not tiny) else fallback for k in self.v}
     mine = [r for r in rows if r.get('device_kind') == kind and r.get('ok')]
     for key in ('smoke', 'main', 'impls', 'peer', 'train', 'local', 'batches',
-                'pallas'):
+                'pallas', 'beam'):
       item = 'smoke' if key == 'smoke' else f'table2/{key}'
       self._measured(key, [r['seconds'] for r in mine if r.get('item') == item], kind)
     runs = [r for r in mine if r.get('step_s') and r.get('steps_run')]
