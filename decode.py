@@ -86,6 +86,10 @@ _CACHE_MODES = ('padded', 'growing')  # benchmark.CACHE_MODES (imported on use).
 _B_CACHE_MODES = flags.DEFINE_list(
     'bench_cache_modes', list(_CACHE_MODES),
     'benchmark: cache modes of the decoder rows (padded, growing).')
+_B_BEAM_CACHES = flags.DEFINE_list(
+    'bench_beam_caches', [], "benchmark: beam rows' self-attention caches to "
+    "compare in this one process, each 'reorder' or 'pointers' "
+    '(config.decode.beam_cache), one row each; default: the config value.')
 _B_PROFILE = flags.DEFINE_bool(
     'bench_profile', False, 'benchmark: run each padded decoder row once more '
     'under the profiler; its row then carries `profile`, the measured time of '
@@ -110,6 +114,9 @@ for _name, _count in (('beam_size', None), ('bench_batch', None),
 flags.register_validator(
     'bench_cache_modes', lambda v: bool(v) and set(v) <= set(_CACHE_MODES),
     f'--bench_cache_modes takes some of {",".join(_CACHE_MODES)}')
+flags.register_validator(
+    'bench_beam_caches', lambda v: set(v) <= {'reorder', 'pointers'},
+    '--bench_beam_caches takes reorder and/or pointers')
 flags.register_validator('alpha', lambda a: a is None or math.isfinite(a),
                          '--alpha must be a finite number >= 0')
 
@@ -213,7 +220,7 @@ def benchmark_mode() -> str:
       variants, [int(b) for b in _B_BATCH.value], _B_KINDS.value, states=states,
       src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,
       train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
-      cache_modes=_B_CACHE_MODES.value,
+      cache_modes=_B_CACHE_MODES.value, beam_caches=_B_BEAM_CACHES.value or None,
       impls=benchmark.parse_impls(_B_IMPLS.value) or None,
       profile=_B_PROFILE.value, emit=emit)
   table = report.write_benchmark(rows, out)

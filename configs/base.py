@@ -87,4 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'pallas' (mqa_flax.pallas_argmax: the argmax inside the output GEMM, no
   # logits written; interpreted, slowly, on a CPU). Awaits a GPU timing.
   dc.argmax_impl = 'xla'
+  # Beam search's self-attention cache: 'reorder' (after each step every
+  # beam's K/V rows are gathered to where its beam went) or 'pointers' (K/V
+  # stay in the slot that wrote them; a [beams, L] table of slots per
+  # position is reordered instead, and each beam's self-attention reads all
+  # of its sentence's slots, masked to its own history). Same results.
+  dc.beam_cache = 'reorder'
   return c

@@ -43,7 +43,8 @@ def for_gpu() -> bool:
 def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
                           mask_BTS: jax.Array, impl: str = 'xla',
                           kv_layout: str = 'BSKH', num_kv_heads: int = 0,
-                          scale: float = 1.0, num_heads: int = 0) -> jax.Array:
+                          scale: float = 1.0, num_heads: int = 0,
+                          row_masks: bool = False) -> jax.Array:
   """Grouped attention of N query heads over K key/value heads.
 
   The query batch may be R times the key/value batch (rows b*R .. b*R+R-1
@@ -74,6 +75,9 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' and
       'pallas' apply it to the float32 scores, the others to q in its dtype.
     num_heads: N, where q_BTNH holds more heads than the queries.
+    row_masks: the R rows that share a key/value row each have a mask of
+      their own (beam search's 'pointers' cache): 'pallas' takes them all,
+      'xla_reduce' and 'cudnn' leave it to the einsums.
 
   Returns:
     The attended values, [B, T, N, H].
@@ -91,8 +95,11 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
     bk, s = k.shape[0] // kh, k.shape[1]
   r, g = b // bk, n // kh
   if impl == 'pallas' and t == 1:
-    return _pallas_attention(q_BTNH, k, v, mask_BTS.reshape(bk, r, s)[:, 0],
+    valid = mask_BTS.reshape(bk, r, s)
+    return _pallas_attention(q_BTNH, k, v, valid if row_masks else valid[:, 0],
                              kv_layout, kh, scale, n)
+  if row_masks and r > 1:
+    impl = 'xla'
   q_BTNH = q_BTNH[:, :, :n]
   if impl == 'xla_reduce' and t == 1 and r == 1:
     return _attention_by_reductions(q_BTNH, k, v, mask_BTS[:, 0], kv_layout, kh,
@@ -180,6 +187,7 @@ def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
 
   With R = 1 the kernel reads q's first n heads where they are, with no
   slice or transpose; rows past them (a merged projection's K/V) are unread.
+  `valid_BS` is [Bk, S], or [Bk, R, S] with each of the R rows' own mask.
   """
   from mqa_flax import pallas_attention  # pylint: disable=g-import-not-at-top
   b, _, heads, h = q_B1NH.shape
@@ -253,12 +261,13 @@ class Attention(nnx.Module):
 
   def attend_queries(self, q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
                      mask_BTS: jax.Array, impl: str = 'xla',
-                     kv_layout: str = 'BSKH') -> jax.Array:
+                     kv_layout: str = 'BSKH', row_masks: bool = False
+                     ) -> jax.Array:
     """Attends with projected queries (or the whole `project_qkv` output,
     whose first N heads are the queries) and projects out."""
     n = self.q.shape[1]
     y = dot_product_attention(q_BTNH, k, v, mask_BTS, impl, kv_layout,
-                              self.k.shape[1], self.head_dim**-0.5, n)
+                              self.k.shape[1], self.head_dim**-0.5, n, row_masks)
     return jnp.einsum('BTNH,NHD->BTD', y, self.o[...].astype(self.dtype))
 
   def __call__(self, x_BTD: jax.Array, y_BSD: jax.Array,

@@ -222,7 +222,8 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   for c in shapes['layers'] for n in ('k', 'v'))
   counts = hlo.step_counts(text, self_leaf,
                            stats[f'decode_bytes_per_step_{mode}'] + reorder,
-                           hlo.beam_reorder_arrays(cfg.num_decoder_layers, beams, mode),
+                           hlo.beam_reorder_arrays(cfg.num_decoder_layers, beams, mode,
+                                                    cfg.beam_cache),
                            steps)
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   if profile and mode == 'padded':  # Growing mode's loops run part of the steps each.
@@ -306,7 +307,7 @@ def run(variants: dict[str, ModelConfig], *,
         cache_modes: Sequence[str] = CACHE_MODES, reps: int = 5,
         warmup: int = 1, kinds: Sequence[str] = KINDS, chunk: int = 16,
         seed: int = 0, impls: Sequence[tuple[str, str, str]] | None = None,
-        profile: bool = False,
+        beam_caches: Sequence[str] | None = None, profile: bool = False,
         emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
@@ -325,6 +326,8 @@ def run(variants: dict[str, ModelConfig], *,
       (`parse_impls`); each decoder row is timed for each, in this order
       (default: the variant's own). The encoder is timed with the first's
       layout, training with its own config ('xla').
+    beam_caches: `ModelConfig.beam_cache` values; each beam row is timed for
+      each, in this order, with field `beam_cache` (default: the variant's own).
     profile: each padded decoder row also runs once under the profiler and
       carries `profile`, its loop's measured kernel times beside their bytes
       (`kernel_times.per_step`; `{'error': ...}` where profiling failed).
@@ -367,21 +370,21 @@ def run(variants: dict[str, ModelConfig], *,
     def graph(cfg):
       return abstract_model(cfg)[0]
 
-    def measure(kind, cache, batch, impl, layout, argmax, fn):
+    def measure(kind, cache, batch, impl, layout, argmax, fn, beam_cache=None):
       try:
         row = fn()
       except Exception as err:  # pylint: disable=broad-except
         row = _error_row(kind, cache, batch, err)
       row = dict(common, attention_impl=impl, cache_layout=layout,
-                 argmax_impl=argmax, **row)
+                 argmax_impl=argmax, beam_cache=beam_cache, **row)
       rows.append(row)
       if emit:
         emit(row)
       errors.check_stop(f'after {len(rows)} benchmark rows of this batch')
 
-    def decoder_row(b, beams, mode, impl, layout, argmax):
-      cfg = dataclasses.replace(base_cfg, attention_impl=impl,
-                                cache_layout=layout, argmax_impl=argmax)
+    def decoder_row(b, beams, mode, impl, layout, argmax, beam_cache):
+      cfg = dataclasses.replace(base_cfg, attention_impl=impl, cache_layout=layout,
+                                argmax_impl=argmax, beam_cache=beam_cache)
       return _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
                            tgt_len, chunk, seed, d, timing, profile)
 
@@ -394,9 +397,12 @@ def run(variants: dict[str, ModelConfig], *,
                                           src_len, tgt_len, seed, d, timing))
     for impl, layout, argmax in triples:
       for b, beams, mode in decoders:
-        measure(decoding.search_name(beams), mode, b, impl, layout,
-                argmax if beams == 1 else None,
-                functools.partial(decoder_row, b, beams, mode, impl, layout, argmax))
+        for beam_cache in (beam_caches or [base_cfg.beam_cache]) if beams > 1 else [
+            base_cfg.beam_cache]:
+          measure(decoding.search_name(beams), mode, b, impl, layout,
+                  argmax if beams == 1 else None,
+                  functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
+                                    beam_cache), beam_cache if beams > 1 else None)
     if 'train' in kinds:
       cfg = dataclasses.replace(base_cfg, attention_impl='xla')
       measure('train', None, train_batch, 'xla', cfg.cache_layout, None,

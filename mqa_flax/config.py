@@ -23,6 +23,7 @@ POS_EMBEDDINGS = ('learned', 'sinusoidal')
 ATTENTION_IMPLS = ('xla', 'xla_reduce', 'cudnn', 'pallas')
 ARGMAX_IMPLS = ('xla', 'pallas')
 CACHE_LAYOUTS = ('BLKH', 'BKLH')
+BEAM_CACHES = ('reorder', 'pointers')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ModelConfig:
   attention_impl: str = 'xla'
   cache_layout: str = 'BLKH'
   argmax_impl: str = 'xla'
+  beam_cache: str = 'reorder'
 
   def __post_init__(self):
     check_heads(self.num_heads, self.num_kv_heads)
@@ -65,6 +67,9 @@ class ModelConfig:
     if self.argmax_impl not in ARGMAX_IMPLS:
       raise ValueError(f'argmax_impl={self.argmax_impl!r}; expected one of '
                        f'{ARGMAX_IMPLS}')
+    if self.beam_cache not in BEAM_CACHES:
+      raise ValueError(f'beam_cache={self.beam_cache!r}; expected one of '
+                       f'{BEAM_CACHES}')
     if self.cache_layout not in CACHE_LAYOUTS:
       raise ValueError(f'cache_layout={self.cache_layout!r}; expected one of '
                        f'{CACHE_LAYOUTS}')
@@ -96,7 +101,8 @@ class ModelConfig:
         attention_impl=decode_cfg.attention_impl,
         cache_layout=decode_cfg.cache_layout,
         # Absent from the config.json of workdirs made before it existed.
-        argmax_impl=decode_cfg.get('argmax_impl', 'xla'))
+        argmax_impl=decode_cfg.get('argmax_impl', 'xla'),
+        beam_cache=decode_cfg.get('beam_cache', 'reorder'))
     try:
       return cls(**model_cfg.to_dict(), vocab_size=vocab_size, **extra)
     except (TypeError, ValueError) as e:

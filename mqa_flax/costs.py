@@ -43,7 +43,9 @@ def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
   whole cache (`padded`, the paper's fixed-size memory; the window when
   local). With beams, `decode_reorder_bytes_per_step_<mode>` adds what beam
   search's reorder moves: it reads and writes every row's self K/V cache,
-  whole or up to the positions written.
+  whole or up to the positions written; with `cfg.beam_cache` 'pointers'
+  only each row's int32 table of cache rows ([rows, L]), and every row's
+  self-attention reads its sentence's whole cache (no `growing` read).
   """
   groups = param_groups(cfg)
   item = cfg.compute_dtype.itemsize
@@ -65,9 +67,15 @@ def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
   cross_bytes_per_sentence = layers * src_len * kv_width * item
   weight_bytes = step_weights * item
   traffic = {}
-  for mode, seen in (('growing', mean_seen), ('padded', padded_seen)):
+  pointers = beam_size > 1 and cfg.beam_cache == 'pointers'
+  read_seen = {'growing': padded_seen if pointers else mean_seen,
+               'padded': padded_seen}
+  for mode, seen in read_seen.items():
     traffic[mode] = (weight_bytes + batch * cross_bytes_per_sentence +
                      rows * seen * self_bytes_per_pos)
+  # What beam search's reorder reads and writes per row and position: each
+  # row's self K/V, or with pointers its table's int32.
+  reorder_per_pos = 4 if pointers else self_bytes_per_pos
 
   dec_flops = 2 * step_weights + layers * 4 * n * h * (mean_seen + src_len)
   enc_weights = sum(v for g, v in groups.items() if g.startswith('encoder'))
@@ -88,10 +96,10 @@ def analyze(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int,
       'decode_bytes_per_step_padded': traffic['padded'],
       'decode_bytes_per_token_growing': traffic['growing'] / rows,
       'decode_bytes_per_token_padded': traffic['padded'] / rows,
-      # Beam search's reorder reads and writes each row's self K/V: all of
-      # it (padded) or, at the least, the positions written so far (growing).
+      # Beam search's reorder: all of it (padded) or, at the least, the
+      # positions written so far (growing).
       **{f'decode_reorder_bytes_per_step_{mode}': (
-          2 * rows * seen * self_bytes_per_pos if beam_size > 1 else 0)
+          2 * rows * seen * reorder_per_pos if beam_size > 1 else 0)
          for mode, seen in (('growing', mean_seen), ('padded', padded_seen))},
       'batch': batch, 'beam_size': beam_size, 'src_len': src_len,
       'tgt_len': tgt_len, 'dtype': cfg.dtype,

@@ -268,7 +268,8 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
   with tempfile.TemporaryDirectory() as tmp:
     text, leaf = compile_text(cfg, p, target, tmp if registers else None)
     usage = kernel_registers(tmp) if registers else None
-  reorder = hlo.beam_reorder_arrays(cfg.num_decoder_layers, p.beams, p.cache)
+  reorder = hlo.beam_reorder_arrays(cfg.num_decoder_layers, p.beams, p.cache,
+                                    cfg.beam_cache)
   report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
                 attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
                 argmax_impl=cfg.argmax_impl if p.program == 'greedy' else None,

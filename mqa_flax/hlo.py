@@ -312,11 +312,14 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
           if n != 'ROOT' and op[0] not in _NO_KERNEL and op[0] not in _CALLS]
 
 
-def beam_reorder_arrays(num_decoder_layers: int, beam_size: int, cache_mode: str) -> int:
+def beam_reorder_arrays(num_decoder_layers: int, beam_size: int, cache_mode: str,
+                        beam_cache: str = 'reorder') -> int:
   """Cache-sized arrays beam search's own reorder writes per step: the padded
   reorder gathers every self K/V leaf whole, the growing one updates their
-  first positions in place (`step_counts` does not count these as copies)."""
-  return 2 * num_decoder_layers if beam_size > 1 and cache_mode == 'padded' else 0
+  first positions in place, the 'pointers' cache moves none
+  (`step_counts` does not count these as copies)."""
+  whole = beam_size > 1 and cache_mode == 'padded' and beam_cache == 'reorder'
+  return 2 * num_decoder_layers if whole else 0
 
 
 def step_counts(hlo_text: str, leaf_bytes: int, floor: float | None = None,

@@ -32,10 +32,12 @@ _KV_LAYOUT = {'BLKH': 'BSKH', 'BKLH': 'BKSH'}  # Cache layout -> attention's.
 _normal = jax.nn.initializers.normal
 
 
-def _to_rows(x_BSKH: jax.Array) -> jax.Array:
-  """[B, S, K, H] -> [B*K, S, H], cache layout 'BKLH' as stored."""
+def _to_rows(x_BSKH: jax.Array, beams: int = 1) -> jax.Array:
+  """[B, S, K, H] -> [B*K, S, H], cache layout 'BKLH' as stored; with `beams`
+  M > 1 (beam_cache 'pointers'), rows b*M + m go to (b, k, m): [B/M, K, M, S, H]."""
   b, s, k, h = x_BSKH.shape
-  return x_BSKH.transpose(0, 2, 1, 3).reshape(b * k, s, h)
+  x = x_BSKH.reshape(b // beams, beams, s, k, h).transpose(0, 3, 1, 2, 4)
+  return x.reshape(b * k, s, h)
 
 
 def shift_right(targets_BT: jax.Array, segmentation_BT: jax.Array) -> jax.Array:
@@ -147,19 +149,23 @@ class DecoderLayer(nnx.Module):
   def step(self, x_B1D: jax.Array, cache: Cache, index: jax.Array,
            self_mask_B1L: jax.Array, cross_mask_B1S: jax.Array,
            read_len: int | None, impl: str, layout: str,
-           w_qkv: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+           w_qkv: jax.Array | None = None, beams: int = 1
+           ) -> tuple[jax.Array, Cache]:
     """One incremental position: writes its K/V into the cache, then attends.
 
     The cache is written in place and read as it is; only a static
     `read_len` < L slices it (the growing cache), and the full cache is read
     with no slice at all. `w_qkv`: the self-attention's `qkv_weight()`.
+    `beams` M > 1 (beam_cache 'pointers'): each beam writes its own cache
+    row, and self-attention reads all M rows of its sentence as one row of
+    M*L keys (`self_mask_B1L` is then [B, 1, M*L]).
     """
     # Queries, keys and values by one GEMM; the Pallas attention reads the
     # queries out of its output in place.
     qkv = self.self_attn.project_qkv(self.ln1(x_B1D), w_qkv)  # [B, 1, N+2K, H]
     _, k, v = self.self_attn.split_qkv(qkv)  # [B, 1, K, H]
     if layout == 'BKLH':  # -> [B*K, 1, H], the cache's rows.
-      k, v = _to_rows(k), _to_rows(v)
+      k, v = _to_rows(k, beams), _to_rows(v, beams)
     length = cache['k'].shape[1]  # Axis 1 is L in both layouts.
     # A local window's cache is a ring buffer of L = W slots: position i goes
     # to slot i % W, overwriting position i - W, which the window no longer
@@ -169,12 +175,15 @@ class DecoderLayer(nnx.Module):
     ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, slot, axis=1)
     cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, slot, axis=1)
     rk, rv = ck, cv
-    if read_len is not None and read_len < length:
+    if beams > 1:  # A sentence's M rows, one row of M*L keys (a bitcast).
+      rk, rv = (x.reshape(x.shape[0] // beams, beams * length, *x.shape[2:])
+                for x in (ck, cv))
+    elif read_len is not None and read_len < length:
       rk = jax.lax.slice_in_dim(ck, 0, read_len, axis=1)
       rv = jax.lax.slice_in_dim(cv, 0, read_len, axis=1)
     kv_layout = _KV_LAYOUT[layout]
-    x_B1D = x_B1D + self.self_attn.attend_queries(qkv, rk, rv, self_mask_B1L,
-                                                  impl, kv_layout)
+    x_B1D = x_B1D + self.self_attn.attend_queries(
+        qkv, rk, rv, self_mask_B1L, impl, kv_layout, row_masks=beams > 1)
     x_B1D = x_B1D + self.cross_attn.attend(
         self.ln2(x_B1D), cache['cross_k'], cache['cross_v'], cross_mask_B1S, impl,
         kv_layout)
@@ -279,6 +288,12 @@ class Transformer(nnx.Module):
     and the source mask stay at B rows, shared by a sentence's beams. K/V
     arrays are [rows, L, K, H], or for cache_layout 'BKLH' [rows * K, L, H]
     (the bytes of [rows, K, L, H]; see `attention.dot_product_attention`).
+
+    With beams and `cfg.beam_cache` 'pointers', K/V never move: row b*M + m
+    is written only by the beam in place m of sentence b ('BKLH' stores it as
+    [B, K, M, L, H]), and `kv_rows` [rows, L] int32 says, for each beam and
+    cache position, which of its sentence's M rows holds its K/V there; beam
+    search's reorder moves `kv_rows` alone.
     """
     cfg = self.cfg
     rows = encoded.shape[0] * beam_size
@@ -295,8 +310,11 @@ class Transformer(nnx.Module):
       layers.append(dict(k=jnp.zeros(shape, cfg.compute_dtype),
                          v=jnp.zeros(shape, cfg.compute_dtype),
                          cross_k=ck, cross_v=cv))
-    return dict(index=jnp.zeros((), jnp.int32), src_mask=inputs != 0,
-                layers=layers)
+    cache = dict(index=jnp.zeros((), jnp.int32), src_mask=inputs != 0,
+                 layers=layers)
+    if beam_size > 1 and cfg.beam_cache == 'pointers':
+      cache['kv_rows'] = jnp.zeros((rows, length), jnp.int32)
+    return cache
 
   def reorder_cache(self, cache: Cache, rows: jax.Array,
                     upto: int | None = None) -> Cache:
@@ -304,8 +322,11 @@ class Transformer(nnx.Module):
 
     With `upto` (static; no position at or past it written yet, in any row)
     only the first `upto` cache positions move: the rest is unwritten in
-    every row alike.
+    every row alike. A 'pointers' cache (see `init_cache`) moves only its
+    `kv_rows` table.
     """
+    if 'kv_rows' in cache:
+      return dict(cache, kv_rows=cache['kv_rows'][rows])
     k = self.cfg.num_kv_heads if self.cfg.cache_layout == 'BKLH' else 1
     idx = (rows[:, None] * k + jnp.arange(k)[None]).reshape(-1)  # Of [B*K, ...].
 
@@ -381,18 +402,31 @@ class Transformer(nnx.Module):
     # wraps (index < L) those are exactly the positions written so far;
     # after it (index >= L) every slot is <= index and holds one of the last
     # L positions, which is the window: the same mask stays right.
-    self_mask_B1L = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
     src_mask_BS = cache['src_mask']
     repeats = rows // src_mask_BS.shape[0]  # Beams per sentence.
     cross_mask_B1S = jnp.repeat(src_mask_BS, repeats, axis=0)[:, None, :]
+    beams, new = 1, {}
+    if 'kv_rows' in cache:  # beam_cache 'pointers' (see init_cache).
+      # This position's K/V go to each beam's own row; of the sentence's M*L
+      # keys a beam sees, at each cache position, the row its history is in.
+      beams, n = repeats, length
+      kv_rows = cache['kv_rows'].at[:, index % length].set(
+          jnp.arange(rows) % beams)
+      new['kv_rows'] = kv_rows
+      self_mask_B1L = ((kv_rows[:, None, :] == jnp.arange(beams)[None, :, None])
+                       & (jnp.arange(n) <= index)[None, None, :]
+                       ).reshape(rows, 1, beams * n)
+    else:
+      self_mask_B1L = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
     weights = weights or [None] * len(self.decoder)
     layers = []
     for layer, layer_cache, w_qkv in zip(self.decoder, cache['layers'], weights):
       x_B1D, layer_cache = layer.step(x_B1D, layer_cache, index, self_mask_B1L,
                                       cross_mask_B1S, read_len, cfg.attention_impl,
-                                      cfg.cache_layout, w_qkv)
+                                      cfg.cache_layout, w_qkv, beams)
       layers.append(layer_cache)
-    return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers)
+    return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers,
+                                        **new)
 
 
 def _segments(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:

@@ -36,7 +36,8 @@ _MIN_ROWS = 16  # Triton's dot needs at least 16 rows per operand.
 def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
             seq_len: int, rows: int, kv_heads: int, q_rows: int, scale: float):
   """One (batch row b, kv head j): q [B*Q, H] rows b*Q + j*M .. + M - 1,
-  k/v [S, H], bias [S_pad] -> o [B*K*M, H] rows (b*K + j)*M .. + M - 1."""
+  k/v [S, H], bias [R, S_pad] (query row i takes bias row i // (M / R)) ->
+  o [B*K*M, H] rows (b*K + j)*M .. + M - 1."""
   # The M query rows are read and written as Mp >= 16 rows (Triton's dot
   # needs 16) by masked loads and stores, so that nothing is padded in HBM.
   mp = max(_MIN_ROWS, pl.next_power_of_2(rows))
@@ -45,6 +46,17 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
   q = plgpu.load(q_ref.at[pl.ds(b * q_rows + j * rows, mp), :], mask=in_rows,
                  other=0)
   num_blocks = pl.cdiv(seq_len, block_s)
+  groups = bias_ref.shape[0]
+
+  def bias(i):  # [Mp, block_s] or, shared by all rows, [1, block_s].
+    cols = pl.ds(i * block_s, block_s)
+    if groups == 1:
+      return bias_ref[0, cols][None, :]
+    group = (jnp.arange(mp) // (rows // groups))[:, None]
+    out = jnp.zeros((mp, block_s), jnp.float32)
+    for r in range(groups):  # R loads of one bias row each.
+      out = jnp.where(group == r, bias_ref[r, cols][None, :], out)
+    return out
 
   def load(ref, i):
     block = ref.at[pl.ds(i * block_s, block_s), :]
@@ -61,7 +73,7 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
                         preferred_element_type=jnp.float32)  # [Mp, block_s]
     if scale != 1.0:
       s = s * scale
-    s = s + bias_ref[pl.ds(i * block_s, block_s)][None, :]
+    s = s + bias(i)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)  # Rescales what was summed under the old max.
     p = jnp.exp(s - m_new[:, None])
@@ -87,6 +99,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   A row with no valid key position returns the mean of v over all S (a
   uniform softmax), as `mqa_flax.attention.dot_product_attention` does.
+  The mask is a kv row's, or one per group of M / R query rows (each beam's
+  own, where beams read all of their sentence's cache).
 
   Args:
     q: [B, K, M, H] queries; or [B, Q, H] with `rows` = M, where rows
@@ -95,7 +109,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       [B, N + 2K, H]: its queries are read in place, with no slice).
     k: keys, [B, S, K, H] ('BSKH') or [B, K, S, H] ('BKSH'), q's dtype.
     v: values, shaped like k.
-    valid: [B, S] bool, True where key position s may be attended.
+    valid: [B, S] bool, True where key position s may be attended; or
+      [B, R, S], R dividing M, where query rows r*M/R .. (r+1)*M/R - 1 (of
+      each kv head) take valid[b, r].
     kv_layout: 'BSKH' or 'BKSH'.
     scale: multiplies q.k, in float32 (1/sqrt(H) in a Transformer; inside the
       kernel, so that scaling q is no kernel of its own).
@@ -126,8 +142,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if q_rows < kh * m:
     raise ValueError(f'q {q.shape} holds fewer than K*M = {kh}*{m} rows a batch '
                      f'row')
-  if valid.shape != (b, s):
-    raise ValueError(f'valid must be [B, S] = {(b, s)}, got {valid.shape}')
+  if valid.ndim == 2:
+    valid = valid[:, None]
+  if valid.shape[::2] != (b, s) or m % valid.shape[1]:
+    raise ValueError(f'valid must be [B, S] = {(b, s)} or [B, R, S] with R '
+                     f'dividing M = {m}, got {valid.shape}')
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}')
   block_s = 64 if block_s is None else block_s
@@ -140,7 +159,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   # fully masked row averages over exactly S positions.
   s_pad = pl.cdiv(s, block_s) * block_s
   bias = jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)
-  bias = jnp.pad(bias, ((0, 0), (0, s_pad - s)), constant_values=-jnp.inf)
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, s_pad - s)), constant_values=-jnp.inf)
 
   if kv_layout == 'BSKH':
     kv_spec = pl.BlockSpec((None, s, None, h), lambda i, j: (i, 0, j, 0))
@@ -155,7 +174,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       out_shape=jax.ShapeDtypeStruct((b * kh * m, h), q.dtype),
       grid=(b, kh),
       in_specs=[whole((b * q_rows, h)), kv_spec, kv_spec,
-                pl.BlockSpec((None, s_pad), lambda i, j: (i, 0))],
+                pl.BlockSpec((None, bias.shape[1], s_pad), lambda i, j: (i, 0, 0))],
       out_specs=whole((b * kh * m, h)),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),

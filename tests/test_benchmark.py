@@ -186,6 +186,20 @@ def test_impls_name_the_argmax_and_rows_and_tables_keep_it(tmp_path):
   assert 'mqa (xla/BKLH/pallas)' in text and 'mqa (xla/BKLH)' in text
 
 
+def test_beam_rows_for_each_beam_cache_and_tables_keep_them_apart(tmp_path):
+  rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
+                       kinds=('greedy', 'beam4'), cache_modes=('padded',), reps=1,
+                       beam_batch=2, beam_caches=('reorder', 'pointers'))
+  assert [(r['kind'], r['beam_cache']) for r in rows] == [
+      ('greedy', None), ('beam4', 'reorder'), ('beam4', 'pointers')]
+  assert all(r['us_per_token'] > 0 for r in rows)
+  reorder, pointers = rows[1], rows[2]
+  # The pointers' reorder moves a table of int32, not the K/V cache.
+  assert pointers['reorder_bytes_per_step'] < reorder['reorder_bytes_per_step'] / 10
+  text = report.write_benchmark(rows, str(tmp_path))
+  assert 'mqa (xla/BLKH/pointers)' in text and 'mqa (xla/BLKH)' in text
+
+
 def test_trained_state_is_not_donated_and_bad_kinds_raise():
   cfg = tiny(1)
   params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(3)), nnx.Param)

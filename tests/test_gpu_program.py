@@ -190,11 +190,11 @@ def test_registers_of_every_generated_kernel():
 
 @functools.cache
 def _paper(variant: str, argmax: str = 'xla', impl: str = 'xla_reduce',
-           program: str = 'greedy') -> dict:
+           program: str = 'greedy', beam_cache: str = 'reorder') -> dict:
   c = config_lib.load_config(os.path.join(ROOT, 'configs/paper.py'), variant)
   cfg = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
   cfg = dataclasses.replace(cfg, attention_impl=impl, cache_layout='BKLH',
-                            argmax_impl=argmax)
+                            argmax_impl=argmax, beam_cache=beam_cache)
   p = gpu_program.Program(program, batch=1024 if program == 'greedy' else 256)
   return gpu_program.program_report(cfg, p, 'h200', registers=program == 'greedy')
 
@@ -246,6 +246,21 @@ def test_paper_shape_pallas_attention_pads_and_slices_nothing():
   assert len(attention) == 12, r['kernels_by_kind']
   assert all(k['written'] == 1024 * 8 * 128 * 2 for k in attention)
   assert 'slice' not in r['kernels_by_kind'], r['kernels_by_kind']
+
+
+@pytest.mark.parametrize('variant', ['mha', 'mqa'])
+def test_paper_shape_beam_step_with_kv_pointers_moves_no_cache(variant):
+  # beam_cache 'pointers' with the Pallas attention (each beam's own mask
+  # over its sentence's M*L keys): no kernel gathers or copies the cache,
+  # and a step moves well under the reorder's bytes (mha: its 3.2 GB reorder).
+  pointers = _paper(variant, impl='pallas', program='beam', beam_cache='pointers')
+  reorder = _paper(variant, impl='pallas', program='beam')
+  assert pointers['cache_copies_per_step'] == 0
+  leaf = pointers['cache_leaf_bytes']
+  assert not [k for k in pointers['kernels']
+              if k['kind'] in ('gather', 'copy') and k['written'] >= leaf]
+  assert (pointers['bytes_moved_per_step']
+          < (0.5 if variant == 'mha' else 0.75) * reorder['bytes_moved_per_step'])
 
 
 def test_paper_shape_beam_step_writes_no_vocabulary_sized_float32():

@@ -320,3 +320,53 @@ def test_chunked_beam_search_reorders_less_and_finds_the_same(variant, layout):
   assert max(gathered) <= whole
   if not window:  # A ring buffer of 3 slots is whole from the second loop on.
     assert sum(gathered) / len(gathered) < 0.8 * whole
+
+
+@pytest.mark.parametrize('variant,impl,layout', [
+    ('mqa', 'xla', 'BKLH'), ('gqa', 'xla_reduce', 'BKLH'), ('mha', 'xla', 'BLKH'),
+    ('mqa_local', 'xla', 'BKLH'),
+    pytest.param('mqa', 'pallas', 'BKLH', marks=pytest.mark.skipif(
+        not _has_pallas(), reason='mqa_flax/pallas_attention.py absent')),
+    pytest.param('gqa', 'pallas', 'BLKH', marks=pytest.mark.skipif(
+        not _has_pallas(), reason='mqa_flax/pallas_attention.py absent'))])
+@pytest.mark.parametrize('chunk', [None, 3])
+def test_beam_search_with_kv_pointers_finds_what_the_reorder_finds(
+    variant, impl, layout, chunk):
+  # beam_cache 'pointers': the K/V stay where they were written and only the
+  # [rows, L] table of cache rows follows the beams; every layout, impl,
+  # the local window's ring buffer and the chunked search give the same
+  # sequences and scores as moving the K/V.
+  n, k, window = VARIANTS[variant]
+  src, _ = batch(7)
+  max_len, beams, out = 8, 3, []
+  for beam_cache in ('reorder', 'pointers'):
+    cfg = tiny(n, k, window, cache_layout=layout, attention_impl=impl,
+               beam_cache=beam_cache)
+    model = Transformer(cfg, rngs=nnx.Rngs(8))
+
+    @jax.jit
+    def search(src, model=model):
+      cache = model.init_cache(model.encode(src), src, max_len, beam_size=beams)
+      return decoding.beam_search(model.decode_step, cache, 3, beams, max_len,
+                                  eos_id=1, reorder=model.reorder_cache, chunk=chunk)
+    out.append(jax.device_get(search(src)))
+  np.testing.assert_array_equal(out[0][0], out[1][0])
+  np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-5)
+  assert len(np.unique(out[0][0][:, :, 1:])) > 3  # The beams took turns.
+
+
+def test_kv_pointers_reorder_moves_only_the_table():
+  model = Transformer(tiny(4, 1, beam_cache='pointers', cache_layout='BKLH'),
+                      rngs=nnx.Rngs(1))
+  src, _ = batch()
+  cache = model.init_cache(model.encode(src), src, max_len=5, beam_size=2)
+  assert cache['kv_rows'].shape == (6, 5)
+  _, cache = model.decode_step(jnp.zeros((6,), jnp.int32), cache)
+  np.testing.assert_array_equal(cache['kv_rows'][:, 0], [0, 1] * 3)  # Own rows.
+  rows = jnp.array([1, 1, 2, 2, 5, 4])
+  moved = model.reorder_cache(cache, rows)
+  np.testing.assert_array_equal(moved['kv_rows'], cache['kv_rows'][rows])
+  assert all(m['k'] is c['k'] and m['v'] is c['v']
+             for m, c in zip(moved['layers'], cache['layers']))
+  greedy = model.init_cache(model.encode(src), src, max_len=5)
+  assert 'kv_rows' not in greedy  # One beam: nothing to point at.

@@ -55,6 +55,25 @@ def test_queries_read_in_place_from_a_merged_projection(kh):
     decode_attention(merged[:, :kh * m - 1], k, v, valid, rows=m)
 
 
+@pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
+@pytest.mark.parametrize('kh,groups', [(1, 4), (2, 2), (8, 2)])
+def test_each_group_of_query_rows_takes_its_own_mask(kh, groups, kv_layout):
+  # valid [B, R, S]: query rows r*M/R .. (r+1)*M/R - 1 of each kv head see
+  # valid[b, r], as each beam sees its own history in the 'pointers' cache;
+  # group 1 of batch row 2 sees nothing (the mean of v).
+  m = groups * N // kh
+  q, k, v, _ = _inputs(3, 40, kh, m, 32, jnp.float32, kv_layout, seed=3)
+  valid = jax.random.uniform(jax.random.key(5), (3, groups, 40)) < 0.5
+  valid = valid.at[2, 1].set(False)
+  got = decode_attention(q, k, v, valid, kv_layout=kv_layout, block_s=16)
+  per_row = jnp.repeat(valid, m // groups, axis=1)  # [B, M, S]
+  for row in range(m):
+    want = _f32_reference(q[:, :, row:row + 1], k, v, per_row[:, row], kv_layout)
+    np.testing.assert_allclose(got[:, :, row:row + 1], want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='dividing M'):
+    decode_attention(q, k, v, jnp.ones((3, 3, 40), bool), kv_layout=kv_layout)
+
+
 def test_empty_row_is_mean_of_values():
   q, k, v, valid = _inputs(3, 40, 2, 4, 32, jnp.float32, 'BSKH')
   got = decode_attention(q, k, v, valid, block_s=16)
