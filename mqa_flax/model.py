@@ -354,8 +354,8 @@ class Transformer(nnx.Module):
     updated cache.
 
     `read_len` (static) limits self-attention to the first `read_len` cache
-    slots; it must exceed the current index. `weights`: `decode_weights()`,
-    or None to derive them here.
+    slots; it must exceed the current index (a 'pointers' beam cache is read
+    whole). `weights`: `decode_weights()`, or None to derive them here.
     """
     h_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
     # Logits in the compute dtype: with bf16 the step writes [B, V] bf16 and
@@ -396,28 +396,28 @@ class Transformer(nnx.Module):
     rows = ids_B.shape[0]
     x_B1D = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
     cfg = self.cfg
+    src_mask_BS = cache['src_mask']
+    repeats = rows // src_mask_BS.shape[0]  # Beams per sentence.
+    cross_mask_B1S = jnp.repeat(src_mask_BS, repeats, axis=0)[:, None, :]
+    pointers = 'kv_rows' in cache  # beam_cache 'pointers' (see init_cache).
     length = cache['layers'][0]['k'].shape[1]
-    n = length if read_len is None else min(read_len, length)
+    n = length if read_len is None or pointers else min(read_len, length)
     # Slot j holds a position <= index once j <= index. Before a ring buffer
     # wraps (index < L) those are exactly the positions written so far;
     # after it (index >= L) every slot is <= index and holds one of the last
     # L positions, which is the window: the same mask stays right.
-    src_mask_BS = cache['src_mask']
-    repeats = rows // src_mask_BS.shape[0]  # Beams per sentence.
-    cross_mask_B1S = jnp.repeat(src_mask_BS, repeats, axis=0)[:, None, :]
-    beams, new = 1, {}
-    if 'kv_rows' in cache:  # beam_cache 'pointers' (see init_cache).
+    written_L = jnp.arange(n) <= index
+    beams, extra = 1, {}
+    if pointers:
       # This position's K/V go to each beam's own row; of the sentence's M*L
       # keys a beam sees, at each cache position, the row its history is in.
-      beams, n = repeats, length
-      kv_rows = cache['kv_rows'].at[:, index % length].set(
-          jnp.arange(rows) % beams)
-      new['kv_rows'] = kv_rows
+      beams = repeats
+      kv_rows = cache['kv_rows'].at[:, index % length].set(jnp.arange(rows) % beams)
+      extra['kv_rows'] = kv_rows
       self_mask_B1L = ((kv_rows[:, None, :] == jnp.arange(beams)[None, :, None])
-                       & (jnp.arange(n) <= index)[None, None, :]
-                       ).reshape(rows, 1, beams * n)
+                       & written_L[None, None, :]).reshape(rows, 1, beams * n)
     else:
-      self_mask_B1L = jnp.broadcast_to(jnp.arange(n) <= index, (rows, 1, n))
+      self_mask_B1L = jnp.broadcast_to(written_L, (rows, 1, n))
     weights = weights or [None] * len(self.decoder)
     layers = []
     for layer, layer_cache, w_qkv in zip(self.decoder, cache['layers'], weights):
@@ -426,7 +426,7 @@ class Transformer(nnx.Module):
                                       cfg.cache_layout, w_qkv, beams)
       layers.append(layer_cache)
     return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers,
-                                        **new)
+                                        **extra)
 
 
 def _segments(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:
