@@ -49,7 +49,8 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
 
   The query batch may be R times the key/value batch (rows b*R .. b*R+R-1
   attend to key/value row b): beam search shares one sentence's encoder
-  memory between its beams this way, without copying it.
+  memory between its beams this way, without copying it, and with
+  `row_masks` its beams their self-attention cache (each with its own mask).
 
   `impl` chooses how it is computed, never what: 'xla' (grouped einsums, any
   T), or, for one query position (T == 1, incremental decoding),
@@ -58,7 +59,7 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   `_attention_by_reductions`), 'cudnn'
   (`jax.nn.dot_product_attention` on a GPU, layout BSKH only) or 'pallas'
   (`mqa_flax.pallas_attention.decode_attention`). Those three need the R
-  rows that share a key/value row to share its mask too, as decoding's do.
+  rows that share a key/value row to share its mask too, unless `row_masks`.
 
   Args:
     q_BTNH: queries; with `num_heads` = N, the first N heads of a merged
