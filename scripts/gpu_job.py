@@ -165,7 +165,7 @@ H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main
 H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls',
                 'beam'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
-            impls=40, peer=30, train=15, local=30, batches=25, pallas=15, beam=20)
+            impls=40, peer=30, train=15, local=30, batches=25, pallas=15, beam=85)
 
 
 class JobError(Exception):
