@@ -395,10 +395,10 @@ def run(variants: dict[str, ModelConfig], *,
         measure('encoder', None, b, 'xla', first.cache_layout, None,
                 lambda b=b: _time_encoder(first, graph(first), infer, b,
                                           src_len, tgt_len, seed, d, timing))
+    caches = list(beam_caches or [base_cfg.beam_cache])
     for impl, layout, argmax in triples:
       for b, beams, mode in decoders:
-        for beam_cache in (beam_caches or [base_cfg.beam_cache]) if beams > 1 else [
-            base_cfg.beam_cache]:
+        for beam_cache in caches if beams > 1 else [base_cfg.beam_cache]:
           measure(decoding.search_name(beams), mode, b, impl, layout,
                   argmax if beams == 1 else None,
                   functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
