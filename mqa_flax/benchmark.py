@@ -227,8 +227,8 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                            steps)
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   if profile and mode == 'padded':  # Growing mode's loops run part of the steps each.
-    program['profile'] = _profile(compiled, args(None), counts['kernels'], t,
-                                  steps, sec)
+    program['profile'] = _profile(compiled, args(None), kernel_times.module_name(text),
+                                  counts['kernels'], t, steps, sec)
   return dict(
       kind=decoding.search_name(beams), cache=mode, batch=b,
       beam_size=beams, compile_s=compile_s, kv_cache_bytes=cache_bytes(shapes),
@@ -239,12 +239,12 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                 beams * stats['decode_flops_per_token'], sec, dev))
 
 
-def _profile(compiled, args: tuple, kernels: list[dict], t: int, steps: int,
-             sec: float) -> dict:
+def _profile(compiled, args: tuple, module: str, kernels: list[dict], t: int,
+             steps: int, sec: float) -> dict:
   """`kernel_times.per_step` of one more call, or the error that stopped it."""
   try:
-    return kernel_times.per_step(kernel_times.profile(compiled, args), kernels, t,
-                                 steps, sec)
+    return kernel_times.per_step(kernel_times.profile(compiled, args, module),
+                                 kernels, t, steps, sec)
   except Exception as err:  # pylint: disable=broad-except
     logging.error('profiling failed: %s: %s', type(err).__name__, err)
     return dict(error=f'{type(err).__name__}: {err}'[:500])

@@ -68,9 +68,16 @@ def device_events(trace_dir: str, module: str | None = None
   return out
 
 
-def profile(compiled: Callable, args: Sequence[Any]) -> list[tuple[str | None, str, float]]:
-  """`device_events` of one call of `compiled(*args)`, of its own module."""
-  module = compiled.as_text().split(',', 1)[0].removeprefix('HloModule ').strip()
+def module_name(hlo_text: str) -> str:
+  """The HLO module's name, from the first line of its text."""
+  return hlo_text.split(',', 1)[0].removeprefix('HloModule ').strip()
+
+
+def profile(compiled: Callable, args: Sequence[Any], module: str | None = None
+            ) -> list[tuple[str | None, str, float]]:
+  """`device_events` of one call of `compiled(*args)`, of its own module
+  (`module`, or read from the compiled text)."""
+  module = module or module_name(compiled.as_text())
   jax.block_until_ready(args)  # Nothing else runs in the trace.
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):

@@ -63,5 +63,5 @@ def test_a_failing_profile_is_an_error_field_not_a_failed_row(monkeypatch):
   def broken(*_):
     raise RuntimeError('no profiler here')
   monkeypatch.setattr(kernel_times, 'profile', broken)
-  got = benchmark._profile(None, (), [], 8, 1, 1.0)
+  got = benchmark._profile(None, (), 'jit_fn', [], 8, 1, 1.0)
   assert got == {'error': 'RuntimeError: no profiler here'}
