@@ -79,7 +79,7 @@ _B_IMPLS = flags.DEFINE_list(
     'bench_impls', [], 'benchmark: decoder implementations to compare in this '
     "one process, each 'attention_impl/cache_layout[/argmax_impl]' (impl: xla, "
     "xla_reduce, cudnn, pallas; layout: BLKH, BKLH, BLKH if left out; greedy's "
-    "argmax: xla, pallas, xla if left out), timed in this order, one row each, "
+    "argmax and beam's top-k: xla, pallas, xla if left out), timed in this order, one row each, "
     "e.g. xla/BKLH,xla_reduce/BKLH,xla_reduce/BKLH/pallas. One that fails to "
     "compile or run gives an error row. Default: the config's decode values.")
 _CACHE_MODES = ('padded', 'growing')  # benchmark.CACHE_MODES (imported on use).

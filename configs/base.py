@@ -83,9 +83,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # BLKH). BKLH: fewer kernels and bytes per step in the compiled GPU program
   # (docs/perf.md, counted without a GPU); awaits a GPU timing to confirm.
   dc.cache_layout = 'BKLH'
-  # Greedy decoding's next token: 'xla' (logits written, then their argmax) or
-  # 'pallas' (mqa_flax.pallas_argmax: the argmax inside the output GEMM, no
-  # logits written; interpreted, slowly, on a CPU). Awaits a GPU timing.
+  # Greedy decoding's next token and beam search's candidates: 'xla' (logits
+  # written, then their argmax, or log-softmax and top-k) or 'pallas'
+  # (mqa_flax.pallas_argmax: the argmax, or the top-k and log-normaliser,
+  # inside the output GEMM, no logits written; interpreted, slowly, on a
+  # CPU). Awaits a GPU timing.
   dc.argmax_impl = 'xla'
   # Beam search's self-attention cache: 'reorder' (after each step every
   # beam's K/V rows are gathered to where its beam went) or 'pointers' (K/V

@@ -186,26 +186,22 @@ def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
                       scale: float, n: int) -> jax.Array:
   """One query position through the Pallas decode kernel (interpreted on CPU).
 
-  With R = 1 the kernel reads q's first n heads where they are, with no
-  slice or transpose; rows past them (a merged projection's K/V) are unread.
-  `valid_BS` is [Bk, S], or [Bk, R, S] with each of the R rows' own mask.
+  The kernel reads q's first n heads where they are, the R rows that share a
+  kv row (beams) as one block of query rows, and writes its output in q's
+  order: no slice or transpose, whatever R and K; heads past n (a merged
+  projection's K/V) are unread. `valid_BS` is [Bk, S], or [Bk, R, S] with
+  each of the R rows' own mask.
   """
   from mqa_flax import pallas_attention  # pylint: disable=g-import-not-at-top
   b, _, heads, h = q_B1NH.shape
   bk = valid_BS.shape[0]
-  r, g = b // bk, n // kh
   if kv_layout == 'BKSH':  # [B*K, S, H] -> the kernel's [B, K, S, H].
     k = k.reshape(bk, kh, -1, h)
     v = v.reshape(bk, kh, -1, h)
-  if r == 1:  # [B, N', H]: kv head j's queries are heads j*G .. j*G + G - 1.
-    q, rows = q_B1NH.reshape(b, heads, h), g
-  else:  # The R rows that share a kv row become its query rows.
-    q = q_B1NH[:, 0, :n].reshape(bk, r, kh, g, h).transpose(0, 2, 1, 3, 4)
-    q, rows = q.reshape(bk, kh, r * g, h), None
   out = pallas_attention.decode_attention(
-      q, k, v, valid_BS, kv_layout=kv_layout, scale=scale, rows=rows,
-      interpret=not for_gpu())  # [Bk, K, R*G, H]
-  out = out.reshape(bk, kh, r, g, h).transpose(0, 2, 1, 3, 4)
+      q_B1NH.reshape(bk, b // bk, heads, h), k, v, valid_BS,
+      kv_layout=kv_layout, scale=scale, rows=n // kh,
+      interpret=not for_gpu())  # [Bk, R, N, H]
   return out.reshape(b, 1, n, h)
 
 

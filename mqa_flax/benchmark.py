@@ -18,10 +18,10 @@ median of `reps` calls, each ended by `jax.block_until_ready`. Rows, by kind:
   of a sentence, time / (sentences * tgt_len), as the paper counts.
 
 Decoder rows are timed for each requested (attention_impl, cache_layout,
-argmax_impl) (`ModelConfig` fields: how a step computes, never what; the
-argmax only matters to greedy rows); one that fails to compile or run gives
-an error row and the others go on, and each row can be written out as soon
-as it is measured (`emit`).
+argmax_impl) (`ModelConfig` fields: how a step computes, never what;
+argmax_impl is greedy's argmax and beam search's top-k); one that fails to
+compile or run gives an error row and the others go on, and each row can be
+written out as soon as it is measured (`emit`).
 
 The decoder's cache is built outside the timed function. Each time sits
 beside a memory floor (`bytes_per_step` from `costs.analyze` over the
@@ -177,7 +177,7 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
               chunk: int | None) -> Callable[[nnx.State, Cache],
                                              tuple[jax.Array, Cache]]:
   """What the decoder rows time: `decoding`'s search over the model's step
-  (`next_token` for greedy, `decode_step` for beams).
+  (`next_token` for greedy, `candidates` for beams).
 
   Returns `(params, cache) -> (tokens, final cache)`, to be jitted with the
   cache donated (`DECODE_DONATE`): the loop then updates the caller's cache
@@ -194,7 +194,8 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
           functools.partial(model.next_token, weights=weights), cache, batch,
           tgt_len, _NO_EOS, stop_at_eos=False, chunk=chunk, return_cache=True)
     seqs, _, cache = decoding.beam_search(
-        functools.partial(model.decode_step, weights=weights), cache, batch,
+        functools.partial(model.candidates, k=2 * beams, eos_id=_NO_EOS,
+                          weights=weights), cache, batch,
         beams, tgt_len, _NO_EOS, stop_at_eos=False, reorder=model.reorder_cache,
         chunk=chunk, return_cache=True)
     return seqs, cache
@@ -399,8 +400,7 @@ def run(variants: dict[str, ModelConfig], *,
     for impl, layout, argmax in triples:
       for b, beams, mode in decoders:
         for beam_cache in caches if beams > 1 else [base_cfg.beam_cache]:
-          measure(decoding.search_name(beams), mode, b, impl, layout,
-                  argmax if beams == 1 else None,
+          measure(decoding.search_name(beams), mode, b, impl, layout, argmax,
                   functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
                                     beam_cache), beam_cache if beams > 1 else None)
     if 'train' in kinds:

@@ -45,8 +45,9 @@ class ModelConfig:
   dropout_rate: float = 0.1
   dtype: str = 'float32'
   # How incremental decode steps compute, never what (config.decode): the
-  # attention implementation, the K/V cache layout and greedy decoding's
-  # argmax. Training uses 'xla'.
+  # attention implementation, the K/V cache layout and how the output GEMM's
+  # best tokens are found (greedy's argmax, beam search's top-k). Training
+  # uses 'xla'.
   attention_impl: str = 'xla'
   cache_layout: str = 'BLKH'
   argmax_impl: str = 'xla'

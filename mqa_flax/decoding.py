@@ -10,6 +10,12 @@ model as BOS); outputs are padded with 0 after EOS. Everything runs in one
 `lax.while_loop`, so both functions are pure and jit-able, and no step waits
 on the host.
 
+Beam search may instead be driven by a callback that returns, in place of
+the logits, each row's `Candidates`: the log-probabilities and ids of its k
+most likely tokens (k >= 2M), and EOS's log-probability. That is all a beam
+step reads, so a model can compute it without writing the logits
+(`Transformer.candidates`); `candidates` computes it from logits.
+
 Beam search cache contract: the callback sees `batch_size * beam_size` rows,
 sentence-major (row = b * beam_size + m). Every cache leaf whose leading axis
 has that size is per-beam and is gathered when beams are reordered; any other
@@ -32,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 Cache = Any
-TokensToLogits = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
+TokensToLogits = Callable[[jax.Array, Cache], tuple[Any, Cache]]
 
 
 def search_name(beam_size: int) -> str:
@@ -163,33 +169,59 @@ def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _top_extensions(logits: jax.Array, alive_logp: jax.Array, k: int,
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+  """A decoding step's k most likely next tokens per row, best first."""
+
+  logp: jax.Array  # [rows, k] float32 log-probabilities (-inf: no token).
+  ids: jax.Array  # [rows, k] int32.
+  eos_logp: jax.Array  # [rows] float32, EOS's log-probability.
+
+
+def candidates(logits: jax.Array, k: int, eos_id: int) -> Candidates:
+  """The `Candidates` of logits [rows, V] (any float dtype): the top-k runs
+  on the logits themselves (the log-softmax keeps their order), and only
+  the k chosen get float32 log-probabilities, so no [rows, V] float32 array
+  is written or read. EOS's log-probability is only computed where read.
+  With V < k, the last k - V are -inf (id 0)."""
+  x = logits.astype(jnp.float32)
+  x_max = jnp.max(x, axis=-1, keepdims=True)  # As jax.nn.log_softmax computes.
+  log_z = jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1, keepdims=True))
+  log_softmax = lambda y: (y - x_max) - log_z
+  best, ids = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+  logp = log_softmax(best.astype(jnp.float32))
+  if k > logits.shape[-1]:
+    pad = ((0, 0), (0, k - logits.shape[-1]))
+    logp, ids = jnp.pad(logp, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
+  return Candidates(logp, ids, log_softmax(x[:, eos_id, None])[:, 0])
+
+
+def _top_extensions(c: Candidates, alive_logp: jax.Array, k: int,
                     forced: jax.Array | None, eos_id: int
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The k best one-token extensions of all beams: their log-probabilities
   (alive log-prob plus the token's), beams and tokens, [B, k] each, best first.
 
-  logits [B, M, V]; `forced` [B] (or None): only EOS may extend those
-  sentences, with its model log-probability. The k best of all M*V
-  extensions are among each beam's own k best (an extension outside them has
-  k better ones in its beam), so the top-k runs per beam on the logits (the
-  log-softmax keeps a beam's order) and only those k get log-probabilities:
-  no [B, M, V] float32 array is written or read. The same extensions, in
-  the same order, as a top-k over all M*V sums, up to which of two sums that
-  round to one float32 comes first.
+  `c`: each beam's candidates, rows [B*M]; `forced` [B] (or None): only EOS
+  may extend those sentences, with its model log-probability. The k best of
+  all M*V extensions are among each beam's own k best (an extension outside
+  them has k better ones in its beam): the same extensions, in the same
+  order, as a top-k over all M*V sums, up to which of two sums that round
+  to one float32 comes first.
   """
-  vocab_size = logits.shape[-1]
-  x = logits.astype(jnp.float32)
-  x_max = jnp.max(x, axis=-1, keepdims=True)  # As jax.nn.log_softmax computes.
-  log_z = jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1, keepdims=True))
+  batch, beams = alive_logp.shape
+  logp = c.logp.reshape(batch, beams, -1)  # [B, M, k']
+  tok = c.ids.reshape(batch, beams, -1)
   if forced is not None:
-    not_eos = (jnp.arange(vocab_size) != eos_id)[None, None, :]  # [1, 1, V]
-    logits = jnp.where(forced[:, None, None] & not_eos, -jnp.inf, logits)
-  best, tok = jax.lax.top_k(logits, min(k, vocab_size))  # [B, M, k']
-  cand = alive_logp[:, :, None] + ((best.astype(jnp.float32) - x_max) - log_z)
-  top_logp, top_idx = jax.lax.top_k(cand.reshape(cand.shape[0], -1), k)  # [B, k]
-  per_beam = best.shape[-1]
-  top_tok = jnp.take_along_axis(tok.reshape(tok.shape[0], -1), top_idx, axis=1)
+    only_eos = jnp.where(jnp.arange(logp.shape[-1]) == 0,
+                         c.eos_logp.reshape(batch, beams, 1), -jnp.inf)
+    logp = jnp.where(forced[:, None, None], only_eos, logp)
+    tok = jnp.where(forced[:, None, None], eos_id, tok)
+  cand = alive_logp[:, :, None] + logp
+  top_logp, top_idx = jax.lax.top_k(cand.reshape(batch, -1), k)  # [B, k]
+  per_beam = logp.shape[-1]
+  top_tok = jnp.take_along_axis(tok.reshape(batch, -1), top_idx, axis=1)
   return top_logp, top_idx // per_beam, top_tok
 
 
@@ -261,8 +293,9 @@ def beam_search(
   only pad.
 
   Args:
-    tokens_to_logits: callback over batch_size * beam_size rows, see the
-      module doc for the cache contract.
+    tokens_to_logits: callback over batch_size * beam_size rows returning
+      logits [rows, V] or `Candidates` (at least 2 * beam_size a row); see
+      the module doc for the cache contract.
     cache: initial cache, per-beam leaves already expanded to B*M rows.
     batch_size: number of sentences B.
     beam_size: number of beams M.
@@ -326,13 +359,18 @@ def beam_search(
     last = s.alive_seqs[:, :, jnp.maximum(s.step - 1, 0)]
     ids = jnp.where(s.step == 0, 0, last)  # [B, M]
     bound = {} if read_len is None else {'read_len': read_len}
-    logits, cache = tokens_to_logits(ids.reshape(-1), s.cache, **bound)  # [B*M, V]
+    out, cache = tokens_to_logits(ids.reshape(-1), s.cache, **bound)
+    if not isinstance(out, Candidates):  # Logits [B*M, V].
+      out = candidates(out, 2 * beam_size, eos_id)
+    if out.logp.shape[-1] < 2 * beam_size:
+      raise ValueError(f'beam search at {beam_size} beams needs '
+                       f'{2 * beam_size} candidates a row, got {out.logp.shape[-1]}')
     # The updated cache, as it is, is what the reorder reads: without the
     # barrier XLA may fuse a layer's cache update into the reorder's gather,
     # which then needs the cache from before the update, copied.
     cache = jax.lax.optimization_barrier(cache)
     top_logp, top_beam, top_tok = _top_extensions(
-        logits.reshape(batch_size, beam_size, -1), s.alive_logp, 2 * beam_size,
+        out, s.alive_logp, 2 * beam_size,
         _forced_eos(s.step, max_lens), eos_id)  # [B, 2M] each
     top_seqs = _gather_beams(s.alive_seqs, top_beam)
     top_seqs = top_seqs.at[:, :, s.step].set(top_tok)  # --> [B, 2M, T]

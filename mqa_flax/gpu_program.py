@@ -226,6 +226,8 @@ def kernel_registers(dump_dir: str) -> dict[str, tuple[int, int]]:
   sm_90a (H100 and H200). Library kernels (cuBLAS, cuDNN) have no PTX here."""
   ptxas, out = _ptxas(), {}
   for ptx in sorted(glob.glob(os.path.join(dump_dir, '*.ptx'))):
+    if not os.path.getsize(ptx):  # A module with no generated kernel.
+      continue
     log = subprocess.run([ptxas, '-v', '-arch=sm_90a', ptx, '-o', os.devnull],
                          capture_output=True, text=True, check=True).stderr
     name = None
@@ -272,7 +274,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
                                     cfg.beam_cache)
   report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
                 attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
-                argmax_impl=cfg.argmax_impl if p.program == 'greedy' else None,
+                argmax_impl=cfg.argmax_impl if p.program in ('greedy', 'beam') else None,
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                 dtype=cfg.dtype, cache_leaf_bytes=leaf,
                 **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
@@ -359,7 +361,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('impl', None, list(ATTENTION_IMPLS),
                     'Decode attention (default: the config\'s).')
   flags.DEFINE_enum('argmax', None, list(ARGMAX_IMPLS),
-                    'Greedy decoding\'s argmax (default: the config\'s).')
+                    'Greedy decoding\'s argmax and beam search\'s top-k '
+                    '(default: the config\'s).')
   flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
                     'Cache layout (default: the config\'s).')
   flags.DEFINE_integer('batch', None, 'Sentences (default 1024, beam 256, train 128).')

@@ -39,17 +39,15 @@ def search(graphdef: nnx.GraphDef, state: nnx.State, inputs_BS: jax.Array, *,
 
   weights = model.decode_weights()
 
-  def tokens_to_logits(ids, cache):  # Padding is never a prediction.
-    logits, cache = model.decode_step(ids, cache, weights=weights)
-    return logits.at[:, 0].set(-jnp.inf), cache
-
+  # Padding (id 0) is never a prediction.
   if beam_size == 1:
     return decoding.greedy_search(
         functools.partial(model.next_token, min_id=1, weights=weights), cache,
         batch, max_len, eos_id, max_lens)
-  seqs, _ = decoding.beam_search(tokens_to_logits, cache, batch, beam_size,
-                                 max_len, eos_id, alpha, max_lens,
-                                 reorder=model.reorder_cache)
+  step = functools.partial(model.candidates, k=2 * beam_size, eos_id=eos_id,
+                           min_id=1, weights=weights)
+  seqs, _ = decoding.beam_search(step, cache, batch, beam_size, max_len, eos_id,
+                                 alpha, max_lens, reorder=model.reorder_cache)
   return seqs[:, 0]
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mqa_flax import decoding
 from mqa_flax.attention import Attention, for_gpu
 from mqa_flax.config import ModelConfig
 
@@ -376,17 +377,58 @@ class Transformer(nnx.Module):
     dtype may break the other way).
     """
     if self.cfg.argmax_impl == 'xla':
-      logits_BV, cache = self.decode_step(ids_B, cache, read_len, weights)
-      if min_id:
-        logits_BV = logits_BV.at[:, :min_id].set(-jnp.inf)
+      logits_BV, cache = self._masked_logits(ids_B, cache, read_len, min_id, weights)
       return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
     from mqa_flax import pallas_argmax  # pylint: disable=g-import-not-at-top
+    x_BD, cache = self._output_rows(ids_B, cache, read_len, weights)
+    return pallas_argmax.logits_argmax(x_BD, self._output_table(), min_id=min_id,
+                                       interpret=not for_gpu()), cache
+
+  def candidates(self, ids_B: jax.Array, cache: Cache, read_len: int | None = None,
+                 *, k: int, eos_id: int, min_id: int = 0,
+                 weights: list[jax.Array] | None = None
+                 ) -> tuple[decoding.Candidates, Cache]:
+    """Beam search's step: each row's k most likely next tokens (of the ids
+    >= `min_id`) after `ids_B`, and the updated cache (`read_len` and
+    `weights` as in `decode_step`).
+
+    `cfg.argmax_impl` 'xla' takes them from `decode_step`'s logits
+    (`decoding.candidates`); 'pallas' computes them inside the output GEMM
+    without writing the logits (`pallas_argmax.logits_top_k`, from float32
+    logits where XLA's path reads them rounded to the compute dtype).
+    """
+    if self.cfg.argmax_impl == 'xla':
+      logits_BV, cache = self._masked_logits(ids_B, cache, read_len, min_id, weights)
+      return decoding.candidates(logits_BV, k, eos_id), cache
+    from mqa_flax import pallas_argmax  # pylint: disable=g-import-not-at-top
+    x_BD, cache = self._output_rows(ids_B, cache, read_len, weights)
+    table_VD = self._output_table()
+    top_Bk, ids_Bk, log_z_B = pallas_argmax.logits_top_k(
+        x_BD, table_VD, k, min_id=min_id, interpret=not for_gpu())
+    eos_B = jnp.einsum('BD,D->B', x_BD, table_VD[eos_id],
+                       preferred_element_type=jnp.float32)
+    return decoding.Candidates(top_Bk - log_z_B[:, None], ids_Bk,
+                               eos_B - log_z_B), cache
+
+  def _masked_logits(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
+                     min_id: int, weights: list[jax.Array] | None
+                     ) -> tuple[jax.Array, Cache]:
+    """`decode_step`'s logits, -inf below `min_id`."""
+    logits_BV, cache = self.decode_step(ids_B, cache, read_len, weights)
+    if min_id:
+      logits_BV = logits_BV.at[:, :min_id].set(-jnp.inf)
+    return logits_BV, cache
+
+  def _output_rows(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
+                   weights: list[jax.Array] | None) -> tuple[jax.Array, Cache]:
+    """The fused output kernels' rows: the final LayerNorm's output [B, D] in
+    the compute dtype, and the updated cache."""
     h_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
-    dt = self.cfg.compute_dtype
-    ids = pallas_argmax.logits_argmax(
-        h_B1D[:, 0].astype(dt), self.embed[...].astype(dt), min_id=min_id,
-        interpret=not for_gpu())
-    return ids, cache
+    return h_B1D[:, 0].astype(self.cfg.compute_dtype), cache
+
+  def _output_table(self) -> jax.Array:
+    """The tied output embedding [V, D] in the compute dtype."""
+    return self.embed[...].astype(self.cfg.compute_dtype)
 
   def _decoder_step(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
                     weights: list[jax.Array] | None) -> tuple[jax.Array, Cache]:

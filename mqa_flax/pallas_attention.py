@@ -6,7 +6,10 @@ give M = R * G query rows per key/value head. Plain einsums turn this into a
 batched matmul with M ~ 8 rows per batch element, which feeds the tensor cores
 badly. This kernel reads K/V once instead: one program per (batch row, kv
 head) keeps all M query rows, streams that head's K/V in blocks of `block_s`,
-and runs a flash-style online softmax in float32.
+and runs a flash-style online softmax in float32. It loads its queries as an
+[R, G] block of rows where the projection wrote them ([B, R, Q, H]: each
+beam's heads, a merged QKV projection's included) and stores its output in
+the same order, so no kernel slices, pads or transposes them.
 
 Measured on an H100 (jax 0.11.2, `python -m mqa_flax.pallas_attention`,
 B=1024 S=128 H=128 bf16): 0.041 ms at K=1 M=8 and 0.25 ms at K=8 M=1
@@ -33,18 +36,29 @@ _NEG_INF = -1e30  # Masked keys: finite, so fully masked rows give a uniform sof
 _MIN_ROWS = 16  # Triton's dot needs at least 16 rows per operand.
 
 
+def _query_block(beams: int, group: int) -> tuple[int, int]:
+  """(Rp, Gp): powers of 2 >= R and >= G, Rp * Gp >= 16 (Triton's dot needs
+  16 rows), the [Rp, Gp] block of query rows a program loads and stores."""
+  rp = pl.next_power_of_2(beams)
+  return rp, max(pl.next_power_of_2(group), pl.cdiv(_MIN_ROWS, rp))
+
+
 def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
-            seq_len: int, rows: int, kv_heads: int, q_rows: int, scale: float):
-  """One (batch row b, kv head j): q [B*Q, H] rows b*Q + j*M .. + M - 1,
-  k/v [S, H], bias [R, S_pad] (query row i takes bias row i // (M / R)) ->
-  o [B*K*M, H] rows (b*K + j)*M .. + M - 1."""
-  # The M query rows are read and written as Mp >= 16 rows (Triton's dot
-  # needs 16) by masked loads and stores, so that nothing is padded in HBM.
-  mp = max(_MIN_ROWS, pl.next_power_of_2(rows))
+            seq_len: int, beams: int, group: int, scale: float):
+  """One (batch row b, kv head j): q [B*R, Q, H] at [b*R + r, j*G + g],
+  k/v [S, H], bias [R', S_pad] (query row r*G + g takes bias row
+  (r*G + g) // (R*G / R')) -> o [B*R, K*G, H] at the queries' places."""
+  # The R x G query rows are read and written as an [Rp, Gp] block by masked
+  # loads and stores (at least 16 rows, Triton's dot needs them), so that
+  # nothing is padded, sliced or transposed in HBM.
+  rp, gp = _query_block(beams, group)
+  mp, rows = rp * gp, beams * group
   b, j = pl.program_id(0), pl.program_id(1)
-  in_rows = (jnp.arange(mp) < rows)[:, None]
-  q = plgpu.load(q_ref.at[pl.ds(b * q_rows + j * rows, mp), :], mask=in_rows,
-                 other=0)
+  block = (pl.ds(b * beams, rp), pl.ds(j * group, gp), slice(None))
+  in_rows = (((jnp.arange(rp) < beams)[:, None] & (jnp.arange(gp) < group)[None, :])
+             [:, :, None])
+  q = plgpu.load(q_ref.at[block], mask=in_rows, other=0)
+  q = q.reshape(mp, q.shape[-1])
   num_blocks = pl.cdiv(seq_len, block_s)
   groups = bias_ref.shape[0]
 
@@ -52,10 +66,11 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
     cols = pl.ds(i * block_s, block_s)
     if groups == 1:
       return bias_ref[0, cols][None, :]
-    group = (jnp.arange(mp) // (rows // groups))[:, None]
+    flat = (jnp.arange(mp) // gp) * group + jnp.arange(mp) % gp  # r*G + g.
+    which = (flat // (rows // groups))[:, None]
     out = jnp.zeros((mp, block_s), jnp.float32)
-    for r in range(groups):  # R loads of one bias row each.
-      out = jnp.where(group == r, bias_ref[r, cols][None, :], out)
+    for r in range(groups):  # R' loads of one bias row each.
+      out = jnp.where(which == r, bias_ref[r, cols][None, :], out)
     return out
 
   def load(ref, i):
@@ -81,13 +96,13 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, alpha * l + p.sum(axis=1), alpha[:, None] * acc + pv
 
-  mp, h = q.shape
+  h = q.shape[1]
   init = (jnp.full((mp,), -jnp.inf, jnp.float32), jnp.zeros((mp,), jnp.float32),
           jnp.zeros((mp, h), jnp.float32))
   _, l, acc = lax.fori_loop(0, num_blocks, body, init)
   # l >= 1: the row's maximum contributes exp(0).
-  plgpu.store(o_ref.at[pl.ds((b * kv_heads + j) * rows, mp), :],
-              (acc / l[:, None]).astype(o_ref.dtype), mask=in_rows)
+  out = (acc / l[:, None]).astype(o_ref.dtype).reshape(rp, gp, h)
+  plgpu.store(o_ref.at[block], out, mask=in_rows)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -99,53 +114,58 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   A row with no valid key position returns the mean of v over all S (a
   uniform softmax), as `mqa_flax.attention.dot_product_attention` does.
-  The mask is a kv row's, or one per group of M / R query rows (each beam's
+  The mask is a kv row's, or one per group of M / R' query rows (each beam's
   own, where beams read all of their sentence's cache).
 
   Args:
-    q: [B, K, M, H] queries; or [B, Q, H] with `rows` = M, where rows
-      j*M .. j*M + M - 1 of q[b] are kv head j's queries and rows from K*M on
-      are never read (the keys and values of a merged projection
-      [B, N + 2K, H]: its queries are read in place, with no slice).
+    q: [B, K, M, H] queries; or, with `rows` = G, [B, R, Q, H]: R rows of
+      queries (beams) per kv row, kv head j's being q[b, r, j*G .. j*G+G-1]
+      for each r, so M = R*G; q[b, r] may hold more than K*G heads (a
+      merged projection's keys and values [N + 2K]), which are never read.
+      The queries are read where they are (no slice or transpose of q) and
+      the output written in the same order.
     k: keys, [B, S, K, H] ('BSKH') or [B, K, S, H] ('BKSH'), q's dtype.
     v: values, shaped like k.
     valid: [B, S] bool, True where key position s may be attended; or
-      [B, R, S], R dividing M, where query rows r*M/R .. (r+1)*M/R - 1 (of
-      each kv head) take valid[b, r].
+      [B, R', S], R' dividing M, where query rows i*M/R' .. (i+1)*M/R' - 1
+      (counted r*G + g) of each kv head take valid[b, i].
     kv_layout: 'BSKH' or 'BKSH'.
     scale: multiplies q.k, in float32 (1/sqrt(H) in a Transformer; inside the
       kernel, so that scaling q is no kernel of its own).
-    rows: M, for a 3-d q only.
+    rows: G, for q [B, R, Q, H] only.
     block_s: key positions per loop step, a power of 2 >= 16 (default 64).
     interpret: None runs Pallas' interpreter on CPU, the Triton kernel elsewhere.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages for the K/V loads.
 
   Returns:
-    [B, K, M, H] in q's dtype.
+    [B, K, M, H] for q [B, K, M, H]; [B, R, K*G, H] for q [B, R, Q, H]; in
+    q's dtype.
   """
   if kv_layout not in ('BSKH', 'BKSH'):
     raise ValueError(f"kv_layout must be 'BSKH' or 'BKSH', got {kv_layout!r}")
-  if q.ndim != (3 if rows else 4) or k.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f'need q [B, K, M, H] (or [B, Q, H] with rows=M) and k, v '
-                     f'of one 4-d shape; got q {q.shape}, rows={rows}, k '
-                     f'{k.shape}, v {v.shape}')
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f'need q [B, K, M, H] (or [B, R, Q, H] with rows=G) and '
+                     f'k, v of one 4-d shape; got q {q.shape}, k {k.shape}, '
+                     f'v {v.shape}')
   s, kh = (k.shape[1], k.shape[2]) if kv_layout == 'BSKH' else k.shape[2:0:-1]
-  if rows:
-    (b, q_rows, h), m = q.shape, rows
-  else:
-    b, _, m, h = q.shape
-    q_rows = q.shape[1] * m
+  b, h = q.shape[0], q.shape[3]
   if (k.shape[0], k.shape[3]) != (b, h) or (not rows and q.shape[1] != kh):
     raise ValueError(f'q {q.shape} does not match k/v {k.shape} = '
                      f'[{", ".join(kv_layout)}] in B, K or H')
-  if q_rows < kh * m:
-    raise ValueError(f'q {q.shape} holds fewer than K*M = {kh}*{m} rows a batch '
+  if rows:
+    beams, group = q.shape[1], rows
+  else:
+    beams, group = 1, q.shape[2]
+    q = q.reshape(b, 1, kh * group, h)
+  m = beams * group
+  if q.shape[2] < kh * group:
+    raise ValueError(f'q {q.shape} holds fewer than K*G = {kh}*{group} heads a '
                      f'row')
   if valid.ndim == 2:
     valid = valid[:, None]
   if valid.shape[::2] != (b, s) or m % valid.shape[1]:
-    raise ValueError(f'valid must be [B, S] = {(b, s)} or [B, R, S] with R '
+    raise ValueError(f'valid must be [B, S] = {(b, s)} or [B, R\', S] with R\' '
                      f'dividing M = {m}, got {valid.shape}')
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}')
@@ -165,23 +185,24 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     kv_spec = pl.BlockSpec((None, s, None, h), lambda i, j: (i, 0, j, 0))
   else:
     kv_spec = pl.BlockSpec((None, None, s, h), lambda i, j: (i, j, 0, 0))
-  # q as [B*Q, H] and the output as [B*K*M, H], whole: each program finds
-  # its M rows.
-  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
+  # q as [B*R, Q, H] and the output as [B*R, K*G, H], whole: each program
+  # finds its [R, G] block of rows.
+  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0, 0))
+  out_shape = (b * beams, kh * group, h)
   out = pl.pallas_call(
-      functools.partial(_kernel, block_s=block_s, seq_len=s, rows=m, kv_heads=kh,
-                        q_rows=q_rows, scale=scale),
-      out_shape=jax.ShapeDtypeStruct((b * kh * m, h), q.dtype),
+      functools.partial(_kernel, block_s=block_s, seq_len=s, beams=beams,
+                        group=group, scale=scale),
+      out_shape=jax.ShapeDtypeStruct(out_shape, q.dtype),
       grid=(b, kh),
-      in_specs=[whole((b * q_rows, h)), kv_spec, kv_spec,
+      in_specs=[whole((b * beams,) + q.shape[2:]), kv_spec, kv_spec,
                 pl.BlockSpec((None, bias.shape[1], s_pad), lambda i, j: (i, 0, 0))],
-      out_specs=whole((b * kh * m, h)),
+      out_specs=whole(out_shape),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
       name='decode_attention',
-  )(q.reshape(b * q_rows, h), k, v, bias)
-  return out.reshape(b, kh, m, h)
+  )(q.reshape(b * beams, *q.shape[2:]), k, v, bias)
+  return out.reshape(b, beams, kh * group, h) if rows else out.reshape(b, kh, group, h)
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -134,7 +134,7 @@ BENCH = {
                '--bench_impls=xla_reduce/BKLH,xla_reduce/BKLH/pallas,pallas/BKLH/pallas',
                '--bench_profile'),
     'beam': ('--variants=mha,mqa,gqa2', '--bench_kinds=beam4', '--bench_cache_modes=padded',
-             '--bench_impls=xla/BKLH,xla_reduce/BKLH,pallas/BKLH',
+             '--bench_impls=xla/BKLH,xla_reduce/BKLH,pallas/BKLH,pallas/BKLH/pallas',
              '--bench_beam_caches=reorder,pointers', '--bench_profile'),
     'train': ('--variants=mha,mqa,gqa2', '--bench_kinds=train'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
@@ -159,9 +159,9 @@ STEPS = {False: 2520, True: 20}
 # xla_reduce/BKLH is now: about 15 s a row, so 135 s for the Pallas part's
 # nine), and for the parts that profile (--bench_profile) about 1.5 s more
 # per padded decoder row: impls 120 + 12, pallas 135 + 14; the beam part's
-# eighteen beam-4 rows (three impls, both beam caches) about 15 s each, 270 + 27.
+# 24 beam-4 rows (four impls, both beam caches) about 15 s each, 360 + 36.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
-            impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=297)
+            impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=396)
 H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls',
                 'beam'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,

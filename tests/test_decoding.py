@@ -370,7 +370,8 @@ def test_top_extensions_per_beam_equal_the_top_of_all_sums(dtype, k):
   alive = -jax.random.uniform(keys[1], (b, m)) * 3
   alive = alive.at[0, 1:].set(-jnp.inf)  # Step 0: one live beam.
   forced = jnp.array([False, True, False])
-  got = decoding._top_extensions(logits, alive, k, forced, eos)
+  got = decoding._top_extensions(
+      decoding.candidates(logits.reshape(b * m, v), k, eos), alive, k, forced, eos)
 
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   not_eos = (jnp.arange(v) != eos)[None, None, :]
@@ -382,3 +383,28 @@ def test_top_extensions_per_beam_equal_the_top_of_all_sums(dtype, k):
   np.testing.assert_array_equal(np.asarray(got[1])[finite], (idx // v)[finite])
   np.testing.assert_array_equal(np.asarray(got[2])[finite], (idx % v)[finite])
   assert np.all(np.asarray(got[2])[1][finite[1]] == eos)  # Forced: EOS only.
+
+
+def test_candidates_callback_finds_what_the_logits_find():
+  # Beam search driven by each row's Candidates (here from the logits, as a
+  # model computes them without writing logits) finds the same sequences and
+  # scores, forced EOS included; fewer than 2M candidates a row is refused.
+  params, ctx = make_params(3), make_ctx(3, seed=3)
+  max_lens = jnp.array([2, 5, 3])
+  cache = init_cache(ctx, 4, 5)
+
+  def search(step):
+    return decoding.beam_search(step, cache, 3, 4, 5, EOS, max_lens=max_lens)
+
+  def top(k):
+    def step(ids, cache):
+      logits, cache = toy_model(params, ids, cache)
+      return decoding.candidates(logits, k, EOS), cache
+    return step
+
+  want = search(functools.partial(toy_model, params))
+  got = search(top(8))
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+  with pytest.raises(ValueError, match='needs 8 candidates a row, got 7'):
+    search(top(7))

@@ -196,7 +196,8 @@ def _paper(variant: str, argmax: str = 'xla', impl: str = 'xla_reduce',
   cfg = dataclasses.replace(cfg, attention_impl=impl, cache_layout='BKLH',
                             argmax_impl=argmax, beam_cache=beam_cache)
   p = gpu_program.Program(program, batch=1024 if program == 'greedy' else 256)
-  return gpu_program.program_report(cfg, p, 'h200', registers=program == 'greedy')
+  return gpu_program.program_report(cfg, p, 'h200',
+                                    registers=program == 'greedy' or argmax == 'pallas')
 
 
 # gqa2's fused attention (G = 4 query heads per K/V head) needs more than 255
@@ -233,6 +234,38 @@ def test_paper_shape_fused_argmax_writes_no_logits():
   [call] = [k for k in fused['kernels'] if k['kind'] == 'pallas']
   assert call['registers'] and call['spill_bytes'] == 0
   assert call['written'] < 5e6  # Per-tile maxima and indices, no logits.
+
+
+def test_paper_shape_fused_top_k_writes_no_logits():
+  # mqa beam 4 over 256 sentences (Pallas attention, K/V pointers): beam
+  # search's top-k and log-normaliser inside the output GEMM (argmax_impl
+  # 'pallas') leave out the [1024, 32768] bf16 logits, written once and read
+  # by the two log-softmax reductions and the top-k (268 MB), and 2 kernels.
+  xla = _paper('mqa', impl='pallas', program='beam', beam_cache='pointers')
+  fused = _paper('mqa', 'pallas', 'pallas', 'beam', 'pointers')
+  assert fused['argmax_impl'] == 'pallas'
+  assert fused['kernels_per_step'] <= xla['kernels_per_step'] - 2
+  assert xla['bytes_moved_per_step'] - fused['bytes_moved_per_step'] > 250e6
+  logits = 1024 * 32768 * 2
+  # (The loop runs two steps, each with its logits GEMM.)
+  assert {k['kind'] for k in xla['kernels'] if k['written'] >= logits} == {'gemm'}
+  assert not [k for k in fused['kernels'] if k['written'] >= logits / 2]
+  top_k = [k for k in fused['kernels'] if k['kind'] == 'pallas'][-1]
+  assert top_k['read'] >= logits and top_k['written'] < 2e6  # Table in, k a row out.
+  assert top_k['registers'] and top_k['spill_bytes'] == 0
+
+
+@pytest.mark.parametrize('variant', ['gqa2', 'mqa'])
+def test_paper_shape_pallas_beam_step_moves_no_queries(variant):
+  # Beam 4 with the Pallas attention: each program reads its beams' queries
+  # as one [R, G] block where the projection wrote them (the
+  # self-attention's in the merged QKV projection) and writes its output in
+  # the same order, so no kernel slices or transposes queries or outputs
+  # (for K > 1 there were 24 transposes a step, for K = 1 6 slices).
+  r = _paper(variant, 'pallas', 'pallas', 'beam', 'pointers')
+  assert 'transpose' not in r['kernels_by_kind'], r['kernels_by_kind']
+  assert not [k for k in r['kernels'] if k['kind'] == 'slice' and k['written'] > 1e5]
+  assert r['kernels_per_step'] <= 105
 
 
 def test_paper_shape_pallas_attention_pads_and_slices_nothing():

@@ -40,19 +40,25 @@ def test_matches_reference_float32(kh, beams, kv_layout):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('kh', [1, 2])
-def test_queries_read_in_place_from_a_merged_projection(kh):
-  # q as [B, Q, H] with rows=M: kv head j's queries are rows j*M .. j*M+M-1
-  # of each q[b]; the rows after K*M (a merged projection's keys and values)
-  # are never read, so NaN there changes nothing.
-  m = N // kh
-  q, k, v, valid = _inputs(3, 40, kh, m, 32, jnp.float32, 'BSKH', seed=2)
-  merged = jnp.concatenate([q.reshape(3, kh * m, 32),
-                            jnp.full((3, 2 * kh, 32), jnp.nan)], axis=1)
-  got = decode_attention(merged, k, v, valid, rows=m, block_s=16)
-  np.testing.assert_array_equal(got, decode_attention(q, k, v, valid, block_s=16))
+@pytest.mark.parametrize('kh,beams', [(1, 1), (2, 1), (1, 4), (2, 4), (8, 3)])
+def test_queries_read_in_place_from_a_merged_projection(kh, beams):
+  # q as [B, R, Q, H] with rows=G: kv head j's queries are heads j*G ..
+  # j*G+G-1 of each of the R beams' q[b, r]; the heads after K*G (a merged
+  # projection's keys and values) are never read, so NaN there changes
+  # nothing, and the output keeps q's order [B, R, K*G, H]. Same values as
+  # the [B, K, R*G, H] form, with a mask per beam.
+  g = N // kh
+  q, k, v, _ = _inputs(3, 40, kh, beams * g, 32, jnp.float32, 'BSKH', seed=2)
+  valid = jax.random.uniform(jax.random.key(beams), (3, beams, 40)) < 0.5
+  q_rows = q.reshape(3, kh, beams, g, 32).transpose(0, 2, 1, 3, 4)  # [B, R, K, G, H]
+  merged = jnp.concatenate([q_rows.reshape(3, beams, kh * g, 32),
+                            jnp.full((3, beams, 2 * kh, 32), jnp.nan)], axis=2)
+  got = decode_attention(merged, k, v, valid, rows=g, block_s=16)
+  want = decode_attention(q, k, v, valid, block_s=16)  # [B, K, R*G, H]
+  want = want.reshape(3, kh, beams, g, 32).transpose(0, 2, 1, 3, 4)
+  np.testing.assert_array_equal(got, want.reshape(3, beams, kh * g, 32))
   with pytest.raises(ValueError, match='fewer than K'):
-    decode_attention(merged[:, :kh * m - 1], k, v, valid, rows=m)
+    decode_attention(merged[:, :, :kh * g - 1], k, v, valid, rows=g)
 
 
 @pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
