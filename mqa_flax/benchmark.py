@@ -37,7 +37,9 @@ copying part (0 when the cache is updated in place and read as stored),
 and `program_*`: one step's kernels, bytes moved (and their ratio to the
 floor's bytes) and cache copies (`hlo.step_counts`), the counts that
 `python -m mqa_flax.gpu_program` predicts from a CPU, here read from the
-program timed.
+program timed; on an H100 or H200, padded rows also carry
+`program_predicted_us_per_token`, the time `gpu_targets`' cost model gives
+that program, beside the time measured.
 Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 
@@ -59,6 +61,7 @@ from flax import nnx
 from mqa_flax import costs
 from mqa_flax import decoding
 from mqa_flax import errors
+from mqa_flax import gpu_targets
 from mqa_flax import hlo
 from mqa_flax import kernel_times
 from mqa_flax import state as state_lib
@@ -227,6 +230,10 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                                                     cfg.beam_cache),
                            steps)
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
+  target = gpu_targets.target_of(dev['device'])
+  if target and mode == 'padded':  # Growing mode's loops differ; counts has the last.
+    step = gpu_targets.predict_step(counts['kernels'], steps, target)
+    program['program_predicted_us_per_token'] = step['seconds'] * 1e6 / b
   if profile and mode == 'padded':  # Growing mode's loops run part of the steps each.
     program['profile'] = _profile(compiled, args(None), kernel_times.module_name(text),
                                   counts['kernels'], t, steps, sec)

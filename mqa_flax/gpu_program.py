@@ -23,6 +23,8 @@ place, the custom calls, and all bytes moved over the memory floor's
 from the program it times, so prediction and measurement sit side by side.
 With `registers`, ptxas assembles the PTX XLA generated for each kernel and
 gives its registers per thread and spill stores (`kernel_registers`).
+`predict` adds the step's FLOPs and the time `gpu_targets`' cost model
+gives it (for a growing cache, the loop with the most bytes: the last).
 """
 
 import dataclasses
@@ -48,49 +50,14 @@ from mqa_flax import benchmark
 from mqa_flax import costs
 from mqa_flax import decoding
 from mqa_flax import errors
+from mqa_flax import gpu_targets
 from mqa_flax import hlo
 from mqa_flax import state as state_lib
+from mqa_flax.gpu_targets import TARGETS
 from mqa_flax.config import ARGMAX_IMPLS, ATTENTION_IMPLS, CACHE_LAYOUTS, ModelConfig
 from mqa_flax.model import abstract_model
 
 PROGRAMS = ('greedy', 'beam', 'encoder', 'train')
-# GpuTargetConfig text (xla/stream_executor/device_description.proto) of the
-# SXM parts: 132 SMs of compute capability 9.0 with 228 KiB of shared memory
-# each, 50 MiB of L2; they differ in memory (80 GB at 3.35 TB/s against
-# 141 GB at 4.8 TB/s). The cuDNN version only gates which fused attention
-# XLA may call.
-_TARGET_TEXT = """gpu_device_info {{
-  cuda_compute_capability {{ major: 9 minor: 0 }}
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_block_optin: 232448
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth}
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: {memory}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
-device_description_str: "{name}"
-"""
-TARGETS = {
-    'h100': _TARGET_TEXT.format(bandwidth=3_350_000_000_000,
-                                memory=85_520_809_984, name='NVIDIA H100 80GB HBM3'),
-    'h200': _TARGET_TEXT.format(bandwidth=4_800_000_000_000,
-                                memory=150_110_011_392, name='NVIDIA H200'),
-}
-
-
 def available() -> bool:
   """Whether the CUDA plugin that compiles for a GPU without one is installed."""
   try:
@@ -280,6 +247,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
                 **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
+  report.update(predict(report, p, target))
   if usage is not None:
     # A kernel without a PTX entry of its own takes its group's; a Pallas
     # call, its kernel's.
@@ -298,6 +266,22 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
     report['spilling_kernels'] = [k['name'] for k in report['kernels']
                                   if k['spill_bytes']]
   return report
+
+
+def predict(report: dict[str, Any], p: Program, target: str) -> dict[str, float]:
+  """The cost model's time for one step (`gpu_targets.predict_step`), in µs,
+  and per token: a sentence's output token for decode loops (as the
+  benchmark counts, beams included), a source token for the encoder, a
+  target token for the train step."""
+  step = gpu_targets.predict_step(report['kernels'], report['steps_per_loop'], target)
+  tokens = {'encoder': p.batch * p.src_len,
+            'train': p.batch * p.tgt_len}.get(p.program, p.batch)
+  return dict(flops_per_step=sum(k['flops'] for k in report['kernels'])
+              / report['steps_per_loop'],
+              predicted_step_us=step['seconds'] * 1e6,
+              predicted_us_per_token=step['seconds'] * 1e6 / tokens,
+              **{f'predicted_{n[:-len("_seconds")]}_us': t * 1e6
+                 for n, t in step.items() if n != 'seconds'})
 
 
 def format_report(r: dict[str, Any], kernels: bool = False) -> str:
@@ -333,6 +317,13 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
         f"arrays >= {mb(r['cache_leaf_bytes'])}), "
         f"{r['cache_copies_per_call']} per call outside the loop")
   lines.append('  custom calls       ' + (', '.join(r['custom_calls']) or 'none'))
+  lines.append(
+      f"  FLOPs              {r['flops_per_step'] / 1e9:,.1f} G (dots and output GEMMs)")
+  lines.append(
+      f"  predicted          {r['predicted_us_per_token']:.3f} us/token, "
+      f"{r['predicted_step_us']:,.0f} us a step: {r['predicted_memory_us']:,.0f} "
+      f"bytes-bound + {r['predicted_compute_us']:,.0f} FLOP-bound + "
+      f"{r['predicted_overhead_us']:,.0f} overhead (gpu_targets' cost model)")
   regs = 'max_registers' in r
   if regs:
     spills = r['spilling_kernels']

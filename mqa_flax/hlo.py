@@ -137,6 +137,9 @@ class Kernel:
   and the buffer an in-place dynamic-update-slice updates counts nothing.
   `written`: the bytes of its results, an in-place update counting its
   update's bytes. `outputs`: (bytes written, updated in place) per result.
+  `flops`: the multiply-adds of its dots, times 2 (GEMM fusions, library
+  GEMMs and the Pallas output-GEMM kernels; 0 for everything else, whose
+  arithmetic is small beside its bytes).
   """
 
   name: str
@@ -145,6 +148,7 @@ class Kernel:
   written: int
   outputs: tuple[tuple[int, bool], ...]
   target: str = ''  # A custom call's target.
+  flops: int = 0
 
   def copies(self, min_bytes: int) -> list[int]:
     """Bytes of each array of >= min_bytes it copies: writes other than in
@@ -158,6 +162,41 @@ def _nbytes(typ: str) -> list[int]:
   """Bytes of each array in an HLO type (`bf16[8,4]{1,0}` or a tuple of them)."""
   return [_HLO_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
           for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', typ)]
+
+
+def _dims(typ: str) -> list[int]:
+  """The dimensions of a one-array HLO type (`bf16[8,4]{1,0}` -> [8, 4])."""
+  found = re.search(r'\[([\d,]*)\]', typ)
+  return [int(d) for d in found.group(1).split(',') if d] if found else []
+
+
+def _dot_flops(ops: dict, op: tuple) -> int:
+  """2 x result elements x contracted elements of a `dot` op."""
+  _, typ, rest = op
+  lhs = ops.get(_operands(rest)[0])
+  contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+  if lhs is None or contracting is None:
+    return 0
+  lhs_dims = _dims(lhs[1])
+  k = math.prod(lhs_dims[int(d)] for d in contracting.group(1).split(',') if d)
+  return 2 * math.prod(_dims(typ)) * k
+
+
+def _custom_call_flops(ops: dict, typ: str, rest: str, kind: str) -> int:
+  """A library GEMM's (its dot dimensions in the backend config; the first
+  result is the product), or a Pallas output-GEMM kernel's (`logits_*`:
+  x [B, D] . table [V, D]ᵀ)."""
+  shapes = [_dims(ops[o][1]) for o in _operands(rest) if o in ops]
+  if kind == 'gemm':
+    found = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+    if not (found and shapes):
+      return 0
+    k = math.prod(shapes[0][int(d.strip('" '))] for d in found.group(1).split(',') if d)
+    return 2 * k * math.prod(_dims(typ))
+  if kind == 'pallas' and re.search(r'name = "logits_', rest) and len(shapes) >= 2:
+    (b, d), (v, _) = shapes[0], shapes[1]
+    return 2 * b * v * d
+  return 0
 
 
 def _operands(rest: str) -> list[str]:
@@ -244,8 +283,10 @@ def _fusion(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
         continue  # The buffer updated in place (a result; else read whole).
       part += sum(_nbytes(user_op[1])) if user_op[0] in _READ_PART and pos == 0 else full
     read += min(full, part)
+  flops = sum(_dot_flops(fused, o) for n, o in fused.items()
+              if o[0] == 'dot' and n != 'ROOT')
   return Kernel(name, _fusion_kind(fused, roots, rest, name), read,
-                sum(b for b, _ in outputs), tuple(outputs))
+                sum(b for b, _ in outputs), tuple(outputs), flops=flops)
 
 
 def _kernel(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
@@ -269,8 +310,9 @@ def _kernel(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
     return Kernel(name, 'update', update, update, ((update, True),))
   if kind == 'copy-start':
     kind, outs = 'copy', outs[:1]
+  flops = _custom_call_flops(ops, typ, rest, kind) if target else 0
   return Kernel(name, kind, sum(sizes), sum(outs),
-                tuple((b, False) for b in outs), target)
+                tuple((b, False) for b in outs), target, flops)
 
 
 def _computation_kernels(comps: dict, comp: str) -> list[Kernel]:

@@ -210,3 +210,18 @@ def test_trained_state_is_not_donated_and_bad_kinds_raise():
   assert not any(x.is_deleted() for x in jax.tree.leaves(params))
   with pytest.raises(ValueError, match='kinds'):
     benchmark.run({'mqa': cfg}, kinds=('beam',))
+
+
+def test_rows_on_a_known_gpu_carry_the_cost_models_prediction(monkeypatch):
+  # On an H100 or H200 a padded decoder row carries the time gpu_targets'
+  # cost model gives its program (here the CPU is taken for an H200); a
+  # growing row, whose loops differ, does not.
+  rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
+                       kinds=('greedy',), reps=1)
+  assert all('program_predicted_us_per_token' not in r for r in rows)
+  monkeypatch.setattr(benchmark.gpu_targets, 'target_of', lambda device: 'h200')
+  rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
+                       kinds=('greedy',), reps=1)
+  padded, growing = rows
+  assert padded['cache'] == 'padded' and padded['program_predicted_us_per_token'] > 0
+  assert 'program_predicted_us_per_token' not in growing

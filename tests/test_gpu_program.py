@@ -15,7 +15,9 @@ import sys
 import pytest
 
 from mqa_flax import config as config_lib
+from mqa_flax import costs
 from mqa_flax import gpu_program
+from mqa_flax import gpu_targets
 from mqa_flax import hlo
 from mqa_flax.config import ModelConfig
 
@@ -219,6 +221,25 @@ def test_paper_shape_greedy_step_meets_the_kernel_goal(variant, impl):
   assert r['kernels_per_step'] <= 96, r['kernels_by_kind']
   assert r['cache_copies_per_step'] == 0
   assert not r['spilling_kernels'], r['spilling_kernels']
+
+
+@pytest.mark.parametrize('argmax,impl', [('xla', 'xla_reduce'), ('pallas', 'pallas')])
+def test_paper_shape_step_flops_and_prediction(argmax, impl):
+  # The FLOPs counted in the step's dots and Pallas output GEMM are the
+  # model's (costs.analyze: weights and attention, within the attention's
+  # 3% that reductions and the Pallas attention compute outside any dot),
+  # and the cost model's prediction is the sum of its parts.
+  r = _paper('mqa', argmax, impl)
+  c = config_lib.load_config(os.path.join(ROOT, 'configs/paper.py'), 'mqa')
+  cfg = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
+  want = costs.analyze(cfg, 1024, 128, 128, 1)['decode_flops_per_token'] * 1024
+  assert 0.95 < r['flops_per_step'] / want < 1.02
+  parts = sum(r[f'predicted_{n}_us'] for n in ('memory', 'compute', 'overhead'))
+  assert r['predicted_step_us'] == pytest.approx(parts)
+  assert r['predicted_us_per_token'] == pytest.approx(r['predicted_step_us'] / 1024)
+  overhead_us = gpu_targets.COST_MODEL['kernel_overhead_s'] * 1e6
+  assert r['predicted_overhead_us'] == pytest.approx(overhead_us * r['kernels_per_step'])
+  assert 'predicted' in gpu_program.format_report(r)
 
 
 def test_paper_shape_fused_argmax_writes_no_logits():

@@ -124,3 +124,41 @@ ENTRY %main (a: (f32[64,8], f32[1,8], s32[])) -> (f32[64,8], f32[1,8], s32[]) {
   [[kernel]] = hlo.loop_kernels(text)
   assert (kernel.kind, kernel.read, kernel.written) == ('reduction', 64 * 8 * 4 + 32 + 4,
                                                         64 * 4)
+
+
+def test_kernels_count_the_flops_of_their_dots():
+  # A GEMM fusion (batched dot), a library GEMM (dimensions in its backend
+  # config, a scratch workspace beside its result), a Pallas output-GEMM
+  # kernel (x [B, D] . table [V, D]) and an elementwise fusion (no FLOPs).
+  text = """HloModule m
+%fused_dot (p0: bf16[4,16,32], p1: bf16[4,32,8]) -> f32[4,16,8] {
+  %p0 = bf16[4,16,32]{2,1,0} parameter(0)
+  %p1 = bf16[4,32,8]{2,1,0} parameter(1)
+  ROOT %dot.1 = f32[4,16,8]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+}
+%fused_add (p0: f32[4,16,8]) -> f32[4,16,8] {
+  %p0 = f32[4,16,8]{2,1,0} parameter(0)
+  ROOT %a = f32[4,16,8]{2,1,0} add(%p0, %p0)
+}
+%body (s: (bf16[4,16,32], bf16[4,32,8], bf16[64,32], bf16[32,48], bf16[1000,32])) -> (f32[4,16,8]) {
+  %s = (bf16[4,16,32]{2,1,0}) parameter(0)
+  %x = bf16[4,16,32]{2,1,0} get-tuple-element(%s), index=0
+  %y = bf16[4,32,8]{2,1,0} get-tuple-element(%s), index=1
+  %a = bf16[64,32]{1,0} get-tuple-element(%s), index=2
+  %b = bf16[32,48]{1,0} get-tuple-element(%s), index=3
+  %e = bf16[1000,32]{1,0} get-tuple-element(%s), index=4
+  %gemm_fusion_dot.1 = f32[4,16,8]{2,1,0} fusion(%x, %y), kind=kCustom, calls=%fused_dot
+  %loop_add_fusion = f32[4,16,8]{2,1,0} fusion(%gemm_fusion_dot.1), kind=kLoop, calls=%fused_add
+  %custom-call.1 = (bf16[64,48]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %pallas_call.1 = (f32[64,4,8]{2,1,0}) custom-call(%a, %e), custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "logits_top_k", ir = "..."}
+  ROOT %r = (f32[4,16,8]{2,1,0}) tuple(%loop_add_fusion)
+}
+ENTRY %main (a: (bf16[4,16,32])) -> (f32[4,16,8]) {
+  %w = (f32[4,16,8]{2,1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+  [step] = hlo.loop_kernels(text)
+  flops = {k.name: k.flops for k in step}
+  assert flops == {'gemm_fusion_dot.1': 2 * 4 * 16 * 8 * 32, 'loop_add_fusion': 0,
+                   'custom-call.1': 2 * 64 * 48 * 32, 'pallas_call.1': 2 * 64 * 1000 * 32}
+  assert [k.kind for k in step] == ['gemm', 'elementwise', 'gemm', 'pallas']
