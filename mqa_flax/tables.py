@@ -148,7 +148,8 @@ def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
   if with_impl and r.get('kind') not in ('train', 'encoder'):
     cells[2] += f' {impl_label(r)}'
   return (cells +
-          [num(r.get('us_per_token')), num(r.get('compile_s')),
+          [num(r.get('us_per_token')), num(r.get('program_predicted_us_per_token')),
+           num(r.get('compile_s')),
            DASH if b is None else f'{b / 1e6:.1f}', num(r.get('achieved_gbps')),
            num(r.get('floor_us_per_token')), DASH if f is None else f'{f:.2f}'])
 
@@ -231,5 +232,7 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
       + peer_ratios(bench) + '\n' + provenance(bench) +
       '\n### Every benchmark row\n\n' +
       md_table(['variant', 'kind', 'cache', 'batch', 'S', 'T', 'dtype',
-                'µs/token', 'compile (s)', 'MB/step', 'GB/s',
-                'floor (µs/token)', 'fraction of floor'], detail_rows))
+                'µs/token', 'predicted', 'compile (s)', 'MB/step', 'GB/s',
+                'floor (µs/token)', 'fraction of floor'], detail_rows) +
+      '\npredicted: the µs/token `gpu_targets`\' cost model gives the program '
+      'timed (padded decoder rows on an H100 or H200).\n')

@@ -14,6 +14,7 @@ from mqa_flax import decoding
 from mqa_flax import hlo
 from mqa_flax import metrics
 from mqa_flax import report
+from mqa_flax import tables
 from mqa_flax.config import ModelConfig
 from mqa_flax.model import Transformer
 
@@ -212,7 +213,7 @@ def test_trained_state_is_not_donated_and_bad_kinds_raise():
     benchmark.run({'mqa': cfg}, kinds=('beam',))
 
 
-def test_rows_on_a_known_gpu_carry_the_cost_models_prediction(monkeypatch):
+def test_rows_on_a_known_gpu_carry_the_cost_models_prediction(monkeypatch, tmp_path):
   # On an H100 or H200 a padded decoder row carries the time gpu_targets'
   # cost model gives its program (here the CPU is taken for an H200); a
   # growing row, whose loops differ, does not.
@@ -225,3 +226,8 @@ def test_rows_on_a_known_gpu_carry_the_cost_models_prediction(monkeypatch):
   padded, growing = rows
   assert padded['cache'] == 'padded' and padded['program_predicted_us_per_token'] > 0
   assert 'program_predicted_us_per_token' not in growing
+  # Table 2's every-row table shows it beside the time measured.
+  text = report.write_benchmark(rows, str(tmp_path))
+  line = [l for l in text.splitlines() if '| greedy | padded |' in l][0]
+  measured = tables.num(padded['us_per_token'])
+  assert f"| {measured} | {tables.num(padded['program_predicted_us_per_token'])} |" in line
