@@ -1,10 +1,11 @@
 """The output GEMM's argmax (greedy) and top-k (beam) without its logits.
 
 Decoding needs only the best few tokens of the logits [B, V] = x . Eᵀ, yet
-XLA writes them (the output GEMM) and reads them back: greedy's argmax reads
-them twice, beam search's log-softmax statistics and top-k three times. At
-the paper's shape (B = 1024 rows, V = 32768, bf16) each pass is 67 MB: 134 MB
-a greedy step, 13% of MQA's memory floor, and 268 MB a beam step. These
+XLA writes them (the output GEMM) and reads them back: once for greedy's
+argmax, three times for beam search's log-softmax statistics (max, sum of
+exp) and top-k. At the paper's shape (B = 1024 rows, V = 32768, bf16) each
+pass is 67 MB: 134 MB a greedy step, 13% of MQA's memory floor, and 268 MB
+a beam step. These
 kernels compute one [block_b, block_v] tile of the logits at a time in
 float32 registers, as a GEMM would, and keep of it only what the search
 reads:
