@@ -100,6 +100,40 @@ def predict(loops: list, share: float, overhead: float, flops_rate: float) -> fl
              for body in loops) / len(loops)
 
 
+def checkout(worktree: str) -> None:
+  """The measured commit at `worktree` (a git worktree of this repository)."""
+  if not os.path.isdir(worktree):
+    subprocess.run(['git', '-C', ROOT, 'worktree', 'add', '--detach', worktree,
+                    COMMIT], check=True, capture_output=True)
+
+
+def measured_rows() -> list[dict]:
+  """The H100 decode rows of the measured commit."""
+  with open(MEASURED) as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows
+          if r['kind'] in ('greedy', 'beam4') and r.get('git_commit') == COMMIT]
+
+
+def loop_kernels(worktree: str, row: dict) -> list:
+  """[[bytes, flops] per kernel] per loop of `row`'s program, compiled once
+  (in a process of its own, whose `mqa_flax` is the old one) and kept in
+  the worktree."""
+  key = (row['variant'], row['kind'], row['cache'])
+  out = os.path.join(worktree, '_'.join(key) + '.kernels.json')
+  if not os.path.exists(out):
+    env = dict(os.environ, OLD_TREE=worktree, PYTHONPATH=worktree, JAX_PLATFORMS='cpu')
+    subprocess.run([sys.executable, os.path.abspath(__file__), '--compile_one', *key,
+                    out], env=env, check=True, cwd=worktree)
+  with open(out) as f:
+    return json.load(f)
+
+
+def step_seconds(row: dict) -> float:
+  """A measured row's seconds per decode step."""
+  return row['median_s'] / row['tgt_len']
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--worktree', default='/tmp/mqa_flax_a5d906f',
@@ -110,47 +144,31 @@ def main():
   if args.compile_one:
     compile_one(*args.compile_one)
     return
-  if not os.path.isdir(args.worktree):
-    subprocess.run(['git', '-C', ROOT, 'worktree', 'add', '--detach', args.worktree,
-                    COMMIT], check=True)
-  rows = []
-  with open(MEASURED) as f:
-    for line in f:
-      r = json.loads(line)
-      if r['kind'] in ('greedy', 'beam4') and r.get('git_commit') == COMMIT:
-        rows.append(r)
+  checkout(args.worktree)
+  rows = measured_rows()
   flops_rate = rows[0]['device_tflops'] * 1e12
-  loops = {}
-  for r in rows:
-    key = (r['variant'], r['kind'], r['cache'])
-    out = os.path.join(args.worktree, '_'.join(key) + '.kernels.json')
-    if not os.path.exists(out):
-      env = dict(os.environ, OLD_TREE=args.worktree, PYTHONPATH=args.worktree,
-                 JAX_PLATFORMS='cpu')
-      subprocess.run([sys.executable, __file__, '--compile_one', *key, out],
-                     env=env, check=True, cwd=args.worktree)
-    with open(out) as f:
-      loops[key] = json.load(f)
-  measured = {(r['variant'], r['kind'], r['cache']): r['median_s'] / r['tgt_len']
-              for r in rows}
+  loops = {id(r): loop_kernels(args.worktree, r) for r in rows}
 
   def rms(share, overhead):
-    return math.sqrt(sum(math.log(predict(loops[k], share, overhead, flops_rate) / s) ** 2
-                         for k, s in measured.items()) / len(measured))
+    return math.sqrt(sum(
+        math.log(predict(loops[id(r)], share, overhead, flops_rate) / step_seconds(r)) ** 2
+        for r in rows) / len(rows))
 
   grid = [(rms(s / 100, o / 4 * 1e-6), s / 100, o / 4 * 1e-6)
           for s in range(50, 101) for o in range(0, 21)]
   err, share, overhead = min(grid)
-  print(f'fit over {len(measured)} H100 rows: bandwidth share {share:.2f} of '
+  print(f'fit over {len(rows)} H100 rows: bandwidth share {share:.2f} of '
         f"{gpu_targets.BANDWIDTH['h100'] / 1e12:.2f} TB/s, overhead "
         f'{overhead * 1e6:.2f} us a kernel, matmul {flops_rate / 1e12:.0f} TFLOP/s; '
         f'rms log error {err:.3f}')
   print(f"{'row':<28} {'kernels':>7} {'measured ms':>12} {'predicted ms':>13} {'ratio':>6}")
-  for key, sec in measured.items():
-    pred = predict(loops[key], share, overhead, flops_rate)
-    n = sum(len(b) for b in loops[key]) / len(loops[key])
-    print(f"{' '.join(key):<28} {n:>7.0f} {sec * 1e3:>12.3f} {pred * 1e3:>13.3f} "
-          f"{pred / sec:>6.2f}")
+  for r in rows:
+    body = loops[id(r)]
+    pred = predict(body, share, overhead, flops_rate)
+    n = sum(len(b) for b in body) / len(body)
+    name = ' '.join((r['variant'], r['kind'], r['cache']))
+    print(f'{name:<28} {n:>7.0f} {step_seconds(r) * 1e3:>12.3f} {pred * 1e3:>13.3f} '
+          f'{pred / step_seconds(r):>6.2f}')
 
 
 if __name__ == '__main__':
