@@ -7,9 +7,9 @@
 
 XLA compiles for a GPU it does not have ("deviceless" ahead-of-time
 compilation): `jax.experimental.topologies` describes an H100 or H200 by its
-`GpuTargetConfig` (TARGETS), every input is a `jax.ShapeDtypeStruct` placed on
-that one-device topology, and `jit(f).lower(...).compile()` gives the
-program the GPU would run. It needs the `gpu-aot` extra (the CUDA plugin,
+`GpuTargetConfig` (`gpu_targets.TARGETS`), every input is a
+`jax.ShapeDtypeStruct` placed on that one-device topology, and
+`jit(f).lower(...).compile()` gives the program the GPU would run. It needs the `gpu-aot` extra (the CUDA plugin,
 ptxas, cuDNN); `available()` says whether it is there. The fusions, kernel
 counts, copies, in-place updates and bytes are what a GPU would run; GEMM
 autotuning is off without a device, so GEMM backends and timings are not.
@@ -53,7 +53,6 @@ from mqa_flax import errors
 from mqa_flax import gpu_targets
 from mqa_flax import hlo
 from mqa_flax import state as state_lib
-from mqa_flax.gpu_targets import TARGETS
 from mqa_flax.config import ARGMAX_IMPLS, ATTENTION_IMPLS, CACHE_LAYOUTS, ModelConfig
 from mqa_flax.model import abstract_model
 
@@ -70,11 +69,12 @@ def available() -> bool:
 @functools.cache
 def target_sharding(target: str) -> jax.sharding.NamedSharding:
   """A replicated sharding on the one-GPU topology that `target` describes."""
-  if target not in TARGETS:
-    raise ValueError(f'target={target!r}; expected one of {tuple(TARGETS)}')
+  if target not in gpu_targets.TARGETS:
+    raise ValueError(f'target={target!r}; expected one of '
+                     f'{tuple(gpu_targets.TARGETS)}')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   topo = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
-                                      target_config=TARGETS[target])
+                                      target_config=gpu_targets.TARGETS[target])
   mesh = topologies.make_mesh(topo, (1,), ('d',))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -346,7 +346,8 @@ def define_flags() -> None:
   """The command's flags, defined by `python -m` only: importing this module
   defines none (decode.py's would clash)."""
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_enum('target', 'h200', list(TARGETS), 'GPU to compile for.')
+  flags.DEFINE_enum('target', 'h200', list(gpu_targets.TARGETS),
+                    'GPU to compile for.')
   flags.DEFINE_enum('program', 'greedy', list(PROGRAMS), 'What to compile.')
   flags.DEFINE_enum('cache', 'padded', list(benchmark.CACHE_MODES), 'Decode cache mode.')
   flags.DEFINE_enum('impl', None, list(ATTENTION_IMPLS),

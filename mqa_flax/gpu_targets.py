@@ -17,10 +17,11 @@ scripts/fit_cost_model.py to the 13 decode rows this project measured on
 an H100 (commit a5d906f; greedy padded and growing, beam 4; mha, mqa,
 gqa2 and the local variants), their programs recompiled here for the h100
 target: 0.83 of the datasheet bandwidth and 2.25 µs a kernel, rms error
-8% (in log), every row within 0.82-1.08 of its measurement. The matmul rate is the one those rows measured (659 TFLOP/s,
-an 8192² bf16 matmul), the H200's arithmetic being the H100's. It is
-untested on the H200 and on kernels that differ from those rows' (the
-Pallas kernels): a prediction for the GPU window to confirm, nothing more.
+8% (in log), every row within 0.82-1.08 of its measurement. The matmul
+rate is the one those rows measured (659 TFLOP/s, an 8192² bf16 matmul),
+the H200's arithmetic being the H100's. It is untested on the H200 and on
+kernels that differ from those rows' (the Pallas kernels): a prediction
+for the GPU window to confirm, nothing more.
 
 Only the standard library is imported here, so that the fitting script can
 use it beside an old checkout of the package.
@@ -74,7 +75,8 @@ def kernel_seconds(moved: float, flops: float, target: str,
                    model: dict[str, float] = COST_MODEL) -> float:
   """The cost model's time for one kernel that moves `moved` bytes."""
   bandwidth = model['bandwidth_share'] * BANDWIDTH[target]
-  return max(moved / bandwidth, flops / model['matmul_flops']) + model['kernel_overhead_s']
+  return (max(moved / bandwidth, flops / model['matmul_flops'])
+          + model['kernel_overhead_s'])
 
 
 def predict_step(kernels: Iterable[dict[str, Any]], steps: int, target: str,
@@ -90,4 +92,5 @@ def predict_step(kernels: Iterable[dict[str, Any]], steps: int, target: str,
     parts['memory' if memory >= compute else 'compute'] += max(memory, compute)
     parts['overhead'] += model['kernel_overhead_s']
   parts = {name: t / steps for name, t in parts.items()}
-  return dict(seconds=sum(parts.values()), **{f'{n}_seconds': t for n, t in parts.items()})
+  return dict(seconds=sum(parts.values()),
+              **{f'{n}_seconds': t for n, t in parts.items()})

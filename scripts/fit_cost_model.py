@@ -54,10 +54,9 @@ def compile_one(variant: str, kind: str, cache: str, out: str) -> None:
   from mqa_flax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from mqa_flax.model import Transformer  # pylint: disable=g-import-not-at-top
   hlo = _module('new_hlo', os.path.join(ROOT, 'mqa_flax', 'hlo.py'))
-  target = _module('new_targets', GPU_TARGETS)
   paper = _module('paper', os.path.join(os.environ['OLD_TREE'], 'configs', 'paper.py'))
   topo = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
-                                      target_config=target.TARGETS['h100'])
+                                      target_config=gpu_targets.TARGETS['h100'])
   sharding = jax.sharding.NamedSharding(topologies.make_mesh(topo, (1,), ('d',)),
                                         jax.sharding.PartitionSpec())
   c = paper.get_config(variant)
