@@ -232,8 +232,8 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   program = {f'program_{k}': counts[k] for k in _PROGRAM_COUNTS}
   target = gpu_targets.target_of(dev['device'])
   if target and mode == 'padded':  # Growing mode's loops differ; counts has the last.
-    step = gpu_targets.predict_step(counts['kernels'], steps, target)
-    program['program_predicted_us_per_token'] = step['seconds'] * 1e6 / b
+    step_s = sum(gpu_targets.predict_step(counts['kernels'], steps, target).values())
+    program['program_predicted_us_per_token'] = step_s * 1e6 / b
   if profile and mode == 'padded':  # Growing mode's loops run part of the steps each.
     program['profile'] = _profile(compiled, args(None), kernel_times.module_name(text),
                                   counts['kernels'], t, steps, sec)

@@ -273,15 +273,14 @@ def predict(report: dict[str, Any], p: Program, target: str) -> dict[str, float]
   and per token: a sentence's output token for decode loops (as the
   benchmark counts, beams included), a source token for the encoder, a
   target token for the train step."""
-  step = gpu_targets.predict_step(report['kernels'], report['steps_per_loop'], target)
+  parts = gpu_targets.predict_step(report['kernels'], report['steps_per_loop'], target)
+  step_us = sum(parts.values()) * 1e6
   tokens = {'encoder': p.batch * p.src_len,
             'train': p.batch * p.tgt_len}.get(p.program, p.batch)
   return dict(flops_per_step=sum(k['flops'] for k in report['kernels'])
               / report['steps_per_loop'],
-              predicted_step_us=step['seconds'] * 1e6,
-              predicted_us_per_token=step['seconds'] * 1e6 / tokens,
-              **{f'predicted_{n[:-len("_seconds")]}_us': t * 1e6
-                 for n, t in step.items() if n != 'seconds'})
+              predicted_step_us=step_us, predicted_us_per_token=step_us / tokens,
+              **{f'predicted_{n}_us': t * 1e6 for n, t in parts.items()})
 
 
 def format_report(r: dict[str, Any], kernels: bool = False) -> str:

@@ -71,26 +71,28 @@ def target_of(device: str) -> str | None:
   return None
 
 
+def _terms(moved: float, flops: float, target: str,
+           model: dict[str, float]) -> tuple[float, float]:
+  """A kernel's seconds bound by its bytes and by its FLOPs."""
+  bandwidth = model['bandwidth_share'] * BANDWIDTH[target]
+  return moved / bandwidth, flops / model['matmul_flops']
+
+
 def kernel_seconds(moved: float, flops: float, target: str,
                    model: dict[str, float] = COST_MODEL) -> float:
   """The cost model's time for one kernel that moves `moved` bytes."""
-  bandwidth = model['bandwidth_share'] * BANDWIDTH[target]
-  return (max(moved / bandwidth, flops / model['matmul_flops'])
-          + model['kernel_overhead_s'])
+  return max(_terms(moved, flops, target, model)) + model['kernel_overhead_s']
 
 
 def predict_step(kernels: Iterable[dict[str, Any]], steps: int, target: str,
                  model: dict[str, float] = COST_MODEL) -> dict[str, float]:
   """Predicted seconds of one step of a loop body's `kernels` (dicts with
-  `read`, `written`, `flops`) that runs `steps` steps; also the part of it
-  each term of the model is (bytes, FLOPs, overhead: the max's winner)."""
+  `read`, `written`, `flops`) that runs `steps` steps, in three parts that
+  sum to it: `memory` and `compute` (each kernel's max, counted where it
+  wins) and `overhead`."""
   parts = dict(memory=0.0, compute=0.0, overhead=0.0)
-  bandwidth = model['bandwidth_share'] * BANDWIDTH[target]
   for k in kernels:
-    memory = (k['read'] + k['written']) / bandwidth
-    compute = k.get('flops', 0) / model['matmul_flops']
+    memory, compute = _terms(k['read'] + k['written'], k.get('flops', 0), target, model)
     parts['memory' if memory >= compute else 'compute'] += max(memory, compute)
     parts['overhead'] += model['kernel_overhead_s']
-  parts = {name: t / steps for name, t in parts.items()}
-  return dict(seconds=sum(parts.values()),
-              **{f'{n}_seconds': t for n, t in parts.items()})
+  return {name: t / steps for name, t in parts.items()}

@@ -6,7 +6,7 @@ checks that commit out (a git worktree), compiles each measured row's
 decode loop for the `h100` target with that commit's code (the program that
 was timed, on the CPU, with the gpu-aot extra), counts each kernel's bytes
 and FLOPs with today's `mqa_flax.hlo`, and fits the two constants of
-`gpu_program.COST_MODEL`: each kernel takes max(bytes / (share x the
+`gpu_targets.COST_MODEL`: each kernel takes max(bytes / (share x the
 datasheet bandwidth), FLOPs / matmul rate) + a fixed overhead, the matmul
 rate being the one those rows measured. It prints the fit and every row's
 predicted and measured milliseconds per step.

@@ -19,12 +19,14 @@ def test_a_step_sums_its_kernels_and_divides_by_the_steps_the_loop_runs():
              dict(read=0, written=2.4e6, flops=2e9),  # 2 ms of FLOPs.
              dict(read=4, written=4)]  # Nearly nothing but its overhead.
   one = gpu_targets.predict_step(kernels, 1, 'h200', MODEL)
-  assert one['memory_seconds'] == pytest.approx(1e-3 + 8 / 2.4e12)
-  assert one['compute_seconds'] == pytest.approx(2e-3)
-  assert one['overhead_seconds'] == pytest.approx(3e-6)
-  assert one['seconds'] == pytest.approx(3e-3 + 3e-6, rel=1e-6)
+  assert one['memory'] == pytest.approx(1e-3 + 8 / 2.4e12)
+  assert one['compute'] == pytest.approx(2e-3)
+  assert one['overhead'] == pytest.approx(3e-6)
+  assert sum(one.values()) == pytest.approx(
+      sum(gpu_targets.kernel_seconds(k['read'] + k['written'], k.get('flops', 0),
+                                     'h200', MODEL) for k in kernels))
   two = gpu_targets.predict_step(kernels, 2, 'h200', MODEL)
-  assert two['seconds'] == pytest.approx(one['seconds'] / 2)
+  assert two == pytest.approx({n: t / 2 for n, t in one.items()})
 
 
 
