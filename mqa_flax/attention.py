@@ -183,26 +183,37 @@ def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
 
 def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
                       valid_BS: jax.Array, kv_layout: str, kh: int,
-                      scale: float, n: int) -> jax.Array:
+                      scale: float, n: int, write_slot: jax.Array | None = None
+                      ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """One query position through the Pallas decode kernel (interpreted on CPU).
 
   The kernel reads q's first n heads where they are, the R rows that share a
   kv row (beams) as one block of query rows, and writes its output in q's
   order: no slice or transpose, whatever R and K; heads past n (a merged
-  projection's K/V) are unread. `valid_BS` is [Bk, S], or [Bk, R, S] with
-  each of the R rows' own mask.
+  projection's K/V) are unread, unless `write_slot` is given: the kernel
+  then writes them into k and v at that slot (see `Attention.attend_writing`)
+  and also returns k and v, as given. `valid_BS` is [Bk, S'], or
+  [Bk, R, S'] with each of the R rows' own mask; the kernel reads the first
+  S' key positions.
   """
   from mqa_flax import pallas_attention  # pylint: disable=g-import-not-at-top
   b, _, heads, h = q_B1NH.shape
   bk = valid_BS.shape[0]
+  kv_shape = k.shape
   if kv_layout == 'BKSH':  # [B*K, S, H] -> the kernel's [B, K, S, H].
     k = k.reshape(bk, kh, -1, h)
     v = v.reshape(bk, kh, -1, h)
+  else:  # Beams' own rows [B*R, L, K, H] -> one row of R*L keys a sentence.
+    k = k.reshape(bk, -1, kh, h)
+    v = v.reshape(bk, -1, kh, h)
   out = pallas_attention.decode_attention(
       q_B1NH.reshape(bk, b // bk, heads, h), k, v, valid_BS,
-      kv_layout=kv_layout, scale=scale, rows=n // kh,
+      kv_layout=kv_layout, scale=scale, rows=n // kh, write_slot=write_slot,
       interpret=not for_gpu())  # [Bk, R, N, H]
-  return out.reshape(b, 1, n, h)
+  if write_slot is None:
+    return out.reshape(b, 1, n, h)
+  out, k, v = out
+  return out.reshape(b, 1, n, h), k.reshape(kv_shape), v.reshape(kv_shape)
 
 
 class Attention(nnx.Module):
@@ -265,7 +276,32 @@ class Attention(nnx.Module):
     n = self.q.shape[1]
     y = dot_product_attention(q_BTNH, k, v, mask_BTS, impl, kv_layout,
                               self.k.shape[1], self.head_dim**-0.5, n, row_masks)
-    return jnp.einsum('BTNH,NHD->BTD', y, self.o[...].astype(self.dtype))
+    return self._project_out(y)
+
+  def _project_out(self, y_BTNH: jax.Array) -> jax.Array:
+    return jnp.einsum('BTNH,NHD->BTD', y_BTNH, self.o[...].astype(self.dtype))
+
+  def attend_writing(self, qkv_B1NH: jax.Array, k: jax.Array, v: jax.Array,
+                     slot: jax.Array, mask_B1S: jax.Array, kv_layout: str,
+                     beams: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode position by the Pallas kernel alone: it writes the keys and
+    values of `qkv_B1NH` (`project_qkv`'s output) into the caches k and v at
+    `slot`, attends with its queries, and the output is projected out.
+
+    The caches are as `DecoderLayer.step` keeps them: [B, L, K, H] or, for
+    kv_layout 'BKSH', [B*K, L, H]; with `beams` M > 1 (beam_cache
+    'pointers') each of a sentence's M rows is its beam's own, written only
+    by it, and the mask [B, 1, M*L] covers all M*L of the sentence's keys.
+    A mask over S' < L positions reads only the first S' (a growing cache).
+    Returns (output [B, 1, D], k, v), k and v updated in place: no cache
+    update kernel of their own.
+    """
+    kh, n = self.k.shape[1], self.q.shape[1]
+    rows = qkv_B1NH.shape[0]
+    valid = mask_B1S.reshape(rows // beams, beams, -1)
+    y, k, v = _pallas_attention(qkv_B1NH, k, v, valid if beams > 1 else valid[:, 0],
+                                kv_layout, kh, self.head_dim**-0.5, n, slot)
+    return self._project_out(y), k, v
 
   def __call__(self, x_BTD: jax.Array, y_BSD: jax.Array,
                mask_BTS: jax.Array) -> jax.Array:

@@ -39,7 +39,14 @@ floor's bytes) and cache copies (`hlo.step_counts`), the counts that
 `python -m mqa_flax.gpu_program` predicts from a CPU, here read from the
 program timed; on an H100 or H200, padded rows also carry
 `program_predicted_us_per_token`, the time `gpu_targets`' cost model gives
-that program, beside the time measured.
+that program, beside the time measured. Every decoder row after the first
+of its batch and beam size (same weights, same inputs) carries
+`tokens_same_fraction`, the fraction of the tokens its last timed call
+decoded that equal those of that first row (`tokens_reference`): every
+implementation computes the same function, so a kernel that computes
+something else shows as a low fraction, while rounding (bfloat16; float32
+logits in the Pallas argmax) flips a near tie now and then, and with it
+the rest of that sentence.
 Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 
@@ -85,8 +92,10 @@ _analyze = functools.lru_cache(costs.analyze)
 
 
 def _timed(fn: Callable, make_args: Callable[[Any], tuple], *, reps: int,
-           warmup: int, donate: tuple[int, ...] = ()) -> tuple[Any, float, float]:
-  """(compiled, compile seconds, median seconds per call) of jit(fn).
+           warmup: int, donate: tuple[int, ...] = ()
+           ) -> tuple[Any, float, float, Any]:
+  """(compiled, compile seconds, median seconds per call, the last call's
+  output) of jit(fn).
 
   `make_args(previous_output)` gives each call's arguments (fresh ones where
   they are donated), built before the clock starts.
@@ -102,7 +111,7 @@ def _timed(fn: Callable, make_args: Callable[[Any], tuple], *, reps: int,
     start = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  return compiled, compile_s, statistics.median(times[warmup:])
+  return compiled, compile_s, statistics.median(times[warmup:]), out
 
 
 def measure_bandwidth(nbytes: int | None = None, reps: int = 5) -> float:
@@ -112,7 +121,7 @@ def measure_bandwidth(nbytes: int | None = None, reps: int = 5) -> float:
   """
   nbytes = nbytes or (2**26 if jax.default_backend() == 'cpu' else 2**30)
   x = jnp.zeros((nbytes // 4,), jnp.float32)
-  _, _, sec = _timed(lambda a: a + 1, lambda _: (x,), reps=reps, warmup=1)
+  _, _, sec, _ = _timed(lambda a: a + 1, lambda _: (x,), reps=reps, warmup=1)
   return 2 * x.nbytes / sec / 1e9
 
 
@@ -124,7 +133,7 @@ def measure_matmul_flops(dtype: str = 'float32', n: int | None = None,
   """
   n = n or (512 if jax.default_backend() == 'cpu' else 8192)
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  _, _, sec = _timed(jnp.matmul, lambda _: (a, a), reps=reps, warmup=1)
+  _, _, sec, _ = _timed(jnp.matmul, lambda _: (a, a), reps=reps, warmup=1)
   return 2 * n**3 / sec / 1e12
 
 
@@ -169,8 +178,8 @@ def _time_encoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, s: int, t: int, seed: int, dev: dict,
                   timing: dict) -> dict:
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
-  _, compile_s, sec = _timed(encoder_fn(graphdef, t), lambda _: (params, inputs),
-                             **timing)
+  _, compile_s, sec, _ = _timed(encoder_fn(graphdef, t), lambda _: (params, inputs),
+                                **timing)
   flops = _analyze(cfg, b, s, t, 1)['encoder_flops_per_token']
   return dict(kind='encoder', cache=None, batch=b, compile_s=compile_s,
               **_fields(None, 1, b * s, flops, sec, dev))
@@ -207,7 +216,9 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
 
 def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, beams: int, mode: str, s: int, t: int, chunk: int,
-                  seed: int, dev: dict, timing: dict, profile: bool = False) -> dict:
+                  seed: int, dev: dict, timing: dict, profile: bool = False
+                  ) -> tuple[dict, np.ndarray]:
+  """A decoder row and the tokens its last timed call decoded."""
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
   make_cache = jax.jit(functools.partial(encode_cache, graphdef, max_len=t,
                                          beam_size=beams))
@@ -217,7 +228,9 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   stats = _analyze(cfg, b, s, t, beams)
   fn = decode_fn(graphdef, b, beams, t, chunk if mode == 'growing' else None)
   args = lambda _: (params, make_cache(params, inputs))
-  compiled, compile_s, sec = _timed(fn, args, donate=DECODE_DONATE, **timing)
+  compiled, compile_s, sec, out = _timed(fn, args, donate=DECODE_DONATE, **timing)
+  tokens = np.asarray(out[0])
+  del out  # The cache.
   text = compiled.as_text()
   steps = decoding.steps_per_loop(beams, chunk if mode == 'growing' else None)
   by_kind = {k: v // steps for k, v in hlo.loop_traffic(text, leaf).items()}
@@ -244,7 +257,7 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
       loop_cache_copy_bytes_per_step=hlo.cache_copy_bytes(by_kind), **program,
       reorder_bytes_per_step=reorder,
       **_fields(stats[f'decode_bytes_per_step_{mode}'] + reorder, t, b * t,
-                beams * stats['decode_flops_per_token'], sec, dev))
+                beams * stats['decode_flops_per_token'], sec, dev)), tokens
 
 
 def _profile(compiled, args: tuple, module: str, kernels: list[dict], t: int,
@@ -282,8 +295,8 @@ def _time_train(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   state = state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   step = train_fn(graphdef, tx)
   rng = jax.random.key(seed)
-  _, compile_s, sec = _timed(step, lambda out: (out[0] if out else state, batch, rng),
-                             donate=(0,), **timing)
+  _, compile_s, sec, _ = _timed(
+      step, lambda out: (out[0] if out else state, batch, rng), donate=(0,), **timing)
   flops = _analyze(cfg, b, length, length, 1)['train_flops_per_token']
   return dict(kind='train', cache=None, batch=b, src_len=length, tgt_len=length,
               compile_s=compile_s, **_fields(None, 1, b * length, flops, sec, dev))
@@ -390,11 +403,20 @@ def run(variants: dict[str, ModelConfig], *,
         emit(row)
       errors.check_stop(f'after {len(rows)} benchmark rows of this batch')
 
+    first_tokens = {}  # (batch, beams) -> (the first row's label, its tokens).
+
     def decoder_row(b, beams, mode, impl, layout, argmax, beam_cache):
       cfg = dataclasses.replace(base_cfg, attention_impl=impl, cache_layout=layout,
                                 argmax_impl=argmax, beam_cache=beam_cache)
-      return _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
-                           tgt_len, chunk, seed, d, timing, profile)
+      row, tokens = _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
+                                  tgt_len, chunk, seed, d, timing, profile)
+      label = ' '.join(x for x in (f'{impl}/{layout}/{argmax}', mode,
+                                   beam_cache if beams > 1 else None) if x)
+      ref_label, ref = first_tokens.setdefault((b, beams), (label, tokens))
+      if ref is not tokens:
+        row.update(tokens_reference=ref_label,
+                   tokens_same_fraction=float(np.mean(tokens == ref)))
+      return row
 
     if 'encoder' in kinds:
       first = dataclasses.replace(base_cfg, attention_impl='xla',

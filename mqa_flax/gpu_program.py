@@ -248,6 +248,10 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
   report.update(predict(report, p, target))
+  if report['floor_bytes_per_step']:
+    weights = costs.analyze(cfg, p.batch, p.src_len, p.tgt_len, p.beams)[
+        'decode_weight_bytes_per_step']
+    report.update(serial_floor(report, weights, target))
   if usage is not None:
     # A kernel without a PTX entry of its own takes its group's; a Pallas
     # call, its kernel's.
@@ -281,6 +285,25 @@ def predict(report: dict[str, Any], p: Program, target: str) -> dict[str, float]
               / report['steps_per_loop'],
               predicted_step_us=step_us, predicted_us_per_token=step_us / tokens,
               **{f'predicted_{n}_us': t * 1e6 for n, t in parts.items()})
+
+
+def serial_floor(report: dict[str, Any], weight_bytes: float,
+                 target: str) -> dict[str, float]:
+  """A decode step's floors on `target` (datasheet bandwidth, the cost
+  model's matmul rate), in µs, and the least time a step of kernels run one
+  after another can take: its GEMMs' FLOPs at the matmul rate plus every
+  byte of its memory floor but the weights (K/V caches, the GEMMs' being
+  hidden under their arithmetic) at the full bandwidth, as no kernel
+  overlaps another. `serial_floor_fraction` is max(floors) over that: the
+  most of its floor such a step can reach."""
+  rate = gpu_targets.COST_MODEL['matmul_flops']
+  bandwidth = gpu_targets.BANDWIDTH[target]
+  memory = report['floor_bytes_per_step'] / bandwidth
+  compute = report['flops_per_step'] / rate
+  serial = (report['floor_bytes_per_step'] - weight_bytes) / bandwidth + compute
+  return dict(floor_memory_us=memory * 1e6, floor_compute_us=compute * 1e6,
+              serial_floor_us=serial * 1e6,
+              serial_floor_fraction=max(memory, compute) / serial)
 
 
 def format_report(r: dict[str, Any], kernels: bool = False) -> str:
@@ -323,6 +346,14 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
       f"{r['predicted_step_us']:,.0f} us a step: {r['predicted_memory_us']:,.0f} "
       f"bytes-bound + {r['predicted_compute_us']:,.0f} FLOP-bound + "
       f"{r['predicted_overhead_us']:,.0f} overhead (gpu_targets' cost model)")
+  if 'serial_floor_us' in r:
+    best = max(r['floor_memory_us'], r['floor_compute_us'])
+    lines.append(
+        f"  floors             memory {r['floor_memory_us']:,.0f} us, compute "
+        f"{r['floor_compute_us']:,.0f} us a step; kernels one after another "
+        f"take >= {r['serial_floor_us']:,.0f} us, at most "
+        f"{r['serial_floor_fraction']:.2f} of max(floors); predicted "
+        f"{best / r['predicted_step_us']:.2f}")
   regs = 'max_registers' in r
   if regs:
     spills = r['spilling_kernels']

@@ -77,7 +77,9 @@ def loop_traffic(hlo_text: str, min_bytes: int,
   the most bytes (or, with `every_body`, one dict per body, in the order
   the HLO defines them): with one step per iteration, bytes per step. A
   `dynamic-update-slice` is the in-place cache update (its operand buffer is
-  reused, only the update is written); COPY_KINDS are real copies.
+  reused, only the update is written); a custom call's result aliased to
+  an operand (the Pallas attention's cache write) is in place too and
+  counts nothing; COPY_KINDS are real copies.
   """
   comps = _parse_hlo(hlo_text)
   # A while op names its loop body as an attribute: `while(...), body=%name`.
@@ -96,10 +98,11 @@ def loop_traffic(hlo_text: str, min_bytes: int,
         roots = _root_kinds(comps, fused.group(1)) if fused else []
         kinds = roots if len(roots) == len(arrays) else [
             roots[0] if roots else kind] * len(arrays)
-      for (dtype, dims), k in zip(arrays, kinds):
+      in_place = _aliased_results(rest) if kind == 'custom-call' else set()
+      for i, ((dtype, dims), k) in enumerate(zip(arrays, kinds)):
         nbytes = _HLO_BYTES.get(dtype, 4) * math.prod(
             int(d) for d in dims.split(',') if d)
-        if nbytes >= min_bytes and k not in _NO_WRITE:
+        if nbytes >= min_bytes and k not in _NO_WRITE and i not in in_place:
           per_kind[k] += nbytes
     every.append(dict(per_kind))
     if sum(per_kind.values()) > sum(best.values()):
@@ -136,7 +139,9 @@ class Kernel:
   kernel only slices (slice, dynamic-slice, gather) counts the slices' bytes
   and the buffer an in-place dynamic-update-slice updates counts nothing.
   `written`: the bytes of its results, an in-place update counting its
-  update's bytes. `outputs`: (bytes written, updated in place) per result.
+  update's bytes and a custom call's result aliased to an operand nothing
+  (in place; how much of it the kernel writes is not in the HLO).
+  `outputs`: (bytes written, updated in place) per result.
   `flops`: the multiply-adds of its dots, times 2 (GEMM fusions, library
   GEMMs and the Pallas output-GEMM kernels; 0 for everything else, whose
   arithmetic is small beside its bytes).
@@ -311,8 +316,33 @@ def _kernel(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
   if kind == 'copy-start':
     kind, outs = 'copy', outs[:1]
   flops = _custom_call_flops(ops, typ, rest, kind) if target else 0
-  return Kernel(name, kind, sum(sizes), sum(outs),
-                tuple((b, False) for b in outs), target, flops)
+  # A custom call's result aliased to an operand is updated in place (the
+  # Pallas attention writing a cache row): the HLO does not say how much of
+  # it the kernel writes, and it counts nothing written.
+  aliased = _aliased_results(rest)
+  outputs = tuple((0 if i in aliased else b, i in aliased) for i, b in enumerate(outs))
+  return Kernel(name, kind, sum(sizes), sum(b for b, _ in outputs), outputs,
+                target, flops)
+
+
+def _aliased_results(rest: str) -> set[int]:
+  """Which results of a custom call alias one of its operands (written in
+  place), from its `output_to_operand_aliasing={{1}: (1, {}), ...}`."""
+  return {int(i or 0) for i in re.findall(
+      r'\{(\d*)\}:\s*\(\d+', _attr(rest, 'output_to_operand_aliasing'))}
+
+
+def _attr(rest: str, name: str) -> str:
+  """The text of an op's attribute `name={...}` (braces balanced), or ''."""
+  start = rest.find(name + '={')
+  if start < 0:
+    return ''
+  depth, i = 0, start + len(name) + 1
+  for j in range(i, len(rest)):
+    depth += {'{': 1, '}': -1}.get(rest[j], 0)
+    if not depth:
+      return rest[i:j + 1]
+  return rest[i:]
 
 
 def _computation_kernels(comps: dict, comp: str) -> list[Kernel]:

@@ -154,9 +154,11 @@ class DecoderLayer(nnx.Module):
            ) -> tuple[jax.Array, Cache]:
     """One incremental position: writes its K/V into the cache, then attends.
 
-    The cache is written in place and read as it is; only a static
-    `read_len` < L slices it (the growing cache), and the full cache is read
-    with no slice at all. `w_qkv`: the self-attention's `qkv_weight()`.
+    The cache is written in place and read as it is: by XLA's update kernels
+    and attention, where only a static `read_len` < L slices it (the growing
+    cache), or, with impl 'pallas', by one kernel that writes this
+    position's K/V and attends (reading the first `read_len` positions).
+    `w_qkv`: the self-attention's `qkv_weight()`.
     `beams` M > 1 (beam_cache 'pointers'): each beam writes its own cache
     row, and self-attention reads all M rows of its sentence as one row of
     M*L keys (`self_mask_B1L` is then [B, 1, M*L]).
@@ -164,15 +166,36 @@ class DecoderLayer(nnx.Module):
     # Queries, keys and values by one GEMM; the Pallas attention reads the
     # queries out of its output in place.
     qkv = self.self_attn.project_qkv(self.ln1(x_B1D), w_qkv)  # [B, 1, N+2K, H]
-    _, k, v = self.self_attn.split_qkv(qkv)  # [B, 1, K, H]
-    if layout == 'BKLH':  # -> [B*K, 1, H], the cache's rows.
-      k, v = _to_rows(k, beams), _to_rows(v, beams)
     length = cache['k'].shape[1]  # Axis 1 is L in both layouts.
     # A local window's cache is a ring buffer of L = W slots: position i goes
     # to slot i % W, overwriting position i - W, which the window no longer
     # sees. Attention does not depend on the order of its keys, so the slots
     # need no reordering (see decode_step for the mask).
     slot = index % length
+    kv_layout = _KV_LAYOUT[layout]
+    if impl == 'pallas':  # One kernel writes K/V into the cache and attends.
+      y_B1D, ck, cv = self.self_attn.attend_writing(
+          qkv, cache['k'], cache['v'], slot, self_mask_B1L, kv_layout, beams)
+    else:
+      y_B1D, ck, cv = self._write_and_attend(qkv, cache, slot, self_mask_B1L,
+                                             read_len, impl, layout, beams)
+    x_B1D = x_B1D + y_B1D
+    x_B1D = x_B1D + self.cross_attn.attend(
+        self.ln2(x_B1D), cache['cross_k'], cache['cross_v'], cross_mask_B1S, impl,
+        kv_layout)
+    x_B1D = x_B1D + self.ffn(self.ln3(x_B1D), None, 0.0)
+    return x_B1D, dict(cache, k=ck, v=cv)
+
+  def _write_and_attend(self, qkv: jax.Array, cache: Cache, slot: jax.Array,
+                        self_mask_B1L: jax.Array, read_len: int | None,
+                        impl: str, layout: str, beams: int
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`step`'s self-attention by XLA: the cache updates, then attention.
+    Returns (output [B, 1, D], k, v)."""
+    _, k, v = self.self_attn.split_qkv(qkv)  # [B, 1, K, H]
+    if layout == 'BKLH':  # -> [B*K, 1, H], the cache's rows.
+      k, v = _to_rows(k, beams), _to_rows(v, beams)
+    length = cache['k'].shape[1]
     ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, slot, axis=1)
     cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, slot, axis=1)
     rk, rv = ck, cv
@@ -182,14 +205,9 @@ class DecoderLayer(nnx.Module):
     elif read_len is not None and read_len < length:
       rk = jax.lax.slice_in_dim(ck, 0, read_len, axis=1)
       rv = jax.lax.slice_in_dim(cv, 0, read_len, axis=1)
-    kv_layout = _KV_LAYOUT[layout]
-    x_B1D = x_B1D + self.self_attn.attend_queries(
-        qkv, rk, rv, self_mask_B1L, impl, kv_layout, row_masks=beams > 1)
-    x_B1D = x_B1D + self.cross_attn.attend(
-        self.ln2(x_B1D), cache['cross_k'], cache['cross_v'], cross_mask_B1S, impl,
-        kv_layout)
-    x_B1D = x_B1D + self.ffn(self.ln3(x_B1D), None, 0.0)
-    return x_B1D, dict(cache, k=ck, v=cv)
+    y_B1D = self.self_attn.attend_queries(qkv, rk, rv, self_mask_B1L, impl,
+                                          _KV_LAYOUT[layout], row_masks=beams > 1)
+    return y_B1D, ck, cv
 
 
 class Transformer(nnx.Module):

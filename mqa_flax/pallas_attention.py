@@ -43,11 +43,23 @@ def _query_block(beams: int, group: int) -> tuple[int, int]:
   return rp, max(pl.next_power_of_2(group), pl.cdiv(_MIN_ROWS, rp))
 
 
-def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
-            seq_len: int, beams: int, group: int, scale: float):
+def _kernel(q_ref, k_ref, v_ref, bias_ref, *refs, block_s: int,
+            seq_len: int, beams: int, group: int, scale: float, write: bool):
   """One (batch row b, kv head j): q [B*R, Q, H] at [b*R + r, j*G + g],
-  k/v [S, H], bias [R', S_pad] (query row r*G + g takes bias row
-  (r*G + g) // (R*G / R')) -> o [B*R, K*G, H] at the queries' places."""
+  k/v [S, H] (positions >= seq_len unread), bias [R', S_pad] (query row
+  r*G + g takes bias row (r*G + g) // (R*G / R')) -> o [B*R, K*G, H] at the
+  queries' places.
+
+  With `write`, refs are (slot [1], o, k_out, v_out), k_out/v_out aliasing
+  k/v: beam r's new key and value (q[b*R + r] at heads K*G + j and
+  K*G + K + j) go to position r * S/R + slot of k_out/v_out. The loop over
+  k/v leaves out every beam's position `slot` (what it loads there may be
+  old or new); each query row then adds its own beam's new key and value
+  to its softmax, from registers."""
+  if write:
+    slot_ref, o_ref, k_out_ref, v_out_ref = refs
+  else:
+    (o_ref,) = refs
   # The R x G query rows are read and written as an [Rp, Gp] block by masked
   # loads and stores (at least 16 rows, Triton's dot needs them), so that
   # nothing is padded, sliced or transposed in HBM.
@@ -73,6 +85,14 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
       out = jnp.where(which == r, bias_ref[r, cols][None, :], out)
     return out
 
+  if write:  # This position's K/V, one row per beam, written where they go.
+    length, slot = k_ref.shape[0] // beams, slot_ref[0]
+    heads = o_ref.shape[1]  # K*G: the new keys follow the queries' heads.
+    for r in range(beams):
+      row = b * beams + r
+      k_out_ref[r * length + slot, :] = q_ref[row, heads + j, :]
+      v_out_ref[r * length + slot, :] = q_ref[row, heads + heads // group + j, :]
+
   def load(ref, i):
     block = ref.at[pl.ds(i * block_s, block_s), :]
     if seq_len % block_s == 0:
@@ -89,6 +109,9 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
     if scale != 1.0:
       s = s * scale
     s = s + bias(i)
+    if write:  # The new positions: added after the loop.
+      s = jnp.where(((i * block_s + jnp.arange(block_s)) % length == slot)[None, :],
+                    _NEG_INF, s)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)  # Rescales what was summed under the old max.
     p = jnp.exp(s - m_new[:, None])
@@ -99,7 +122,18 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
   h = q.shape[1]
   init = (jnp.full((mp,), -jnp.inf, jnp.float32), jnp.zeros((mp,), jnp.float32),
           jnp.zeros((mp, h), jnp.float32))
-  _, l, acc = lax.fori_loop(0, num_blocks, body, init)
+  m, l, acc = lax.fori_loop(0, num_blocks, body, init)
+  if write:  # Each query row's own beam's new key and value, as one more key.
+    def new_rows(head):  # [Mp, H] float32: row (r, g) gets beam r's.
+      at = (pl.ds(b * beams, rp), pl.ds(head, 1), slice(None))
+      x = plgpu.load(q_ref.at[at], mask=(jnp.arange(rp) < beams)[:, None, None],
+                     other=0)
+      return jnp.broadcast_to(x, (rp, gp, h)).reshape(mp, h).astype(jnp.float32)
+    s_new = (q.astype(jnp.float32) * new_rows(heads + j)).sum(axis=1) * scale
+    m_new = jnp.maximum(m, s_new)
+    alpha, p_new = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
+    l = alpha * l + p_new
+    acc = alpha[:, None] * acc + p_new[:, None] * new_rows(heads + heads // group + j)
   # l >= 1: the row's maximum contributes exp(0).
   out = (acc / l[:, None]).astype(o_ref.dtype).reshape(rp, gp, h)
   plgpu.store(o_ref.at[block], out, mask=in_rows)
@@ -107,10 +141,15 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, block_s: int,
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      valid: jax.Array, *, kv_layout: str = 'BSKH', scale: float = 1.0,
-                     rows: int | None = None, block_s: int | None = None,
-                     interpret: bool | None = None, num_warps: int = 4,
-                     num_stages: int = 2) -> jax.Array:
+                     rows: int | None = None, write_slot: jax.Array | None = None,
+                     block_s: int | None = None, interpret: bool | None = None,
+                     num_warps: int = 4, num_stages: int = 2
+                     ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax(q . k) v for one query position, in one pass over K/V.
+
+  With `write_slot`, the kernel also writes this position's keys and values
+  into k and v (a decode cache, updated in place) before attending to them:
+  no separate cache update kernels.
 
   A row with no valid key position returns the mean of v over all S (a
   uniform softmax), as `mqa_flax.attention.dot_product_attention` does.
@@ -126,13 +165,22 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       the output written in the same order.
     k: keys, [B, S, K, H] ('BSKH') or [B, K, S, H] ('BKSH'), q's dtype.
     v: values, shaped like k.
-    valid: [B, S] bool, True where key position s may be attended; or
-      [B, R', S], R' dividing M, where query rows i*M/R' .. (i+1)*M/R' - 1
-      (counted r*G + g) of each kv head take valid[b, i].
+    valid: [B, S'] bool, True where key position s may be attended; or
+      [B, R', S'], R' dividing M, where query rows i*M/R' .. (i+1)*M/R' - 1
+      (counted r*G + g) of each kv head take valid[b, i]. S' <= S: only the
+      first S' key positions are read (a growing cache's).
     kv_layout: 'BSKH' or 'BKSH'.
     scale: multiplies q.k, in float32 (1/sqrt(H) in a Transformer; inside the
       kernel, so that scaling q is no kernel of its own).
     rows: G, for q [B, R, Q, H] only.
+    write_slot: int32 scalar, with `rows` only, q then holding a merged
+      projection [B, R, K*G + 2K, H]: beam r's new key and value for kv head
+      j (q[b, r, K*G + j] and q[b, r, K*G + K + j]) go to key position
+      r * S/R + write_slot of k and v (each beam's own cache row of S/R
+      positions; R = 1: position write_slot). Of those R positions, beam
+      r's query rows attend to their own and no other, whatever `valid`
+      says there (a decode step sees its own position, and each beam only
+      its own).
     block_s: key positions per loop step, a power of 2 >= 16 (default 64).
     interpret: None runs Pallas' interpreter on CPU, the Triton kernel elsewhere.
     num_warps: Triton warps per program.
@@ -140,7 +188,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Returns:
     [B, K, M, H] for q [B, K, M, H]; [B, R, K*G, H] for q [B, R, Q, H]; in
-    q's dtype.
+    q's dtype. With `write_slot`: (that, k, v), k and v written.
   """
   if kv_layout not in ('BSKH', 'BKSH'):
     raise ValueError(f"kv_layout must be 'BSKH' or 'BKSH', got {kv_layout!r}")
@@ -162,11 +210,15 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if q.shape[2] < kh * group:
     raise ValueError(f'q {q.shape} holds fewer than K*G = {kh}*{group} heads a '
                      f'row')
+  if write_slot is not None and (not rows or q.shape[2] < kh * (group + 2)):
+    raise ValueError(f'write_slot needs rows=G and q [B, R, K*G + 2K, H] (a '
+                     f'merged projection); got q {q.shape}, rows={rows}')
   if valid.ndim == 2:
     valid = valid[:, None]
-  if valid.shape[::2] != (b, s) or m % valid.shape[1]:
-    raise ValueError(f'valid must be [B, S] = {(b, s)} or [B, R\', S] with R\' '
-                     f'dividing M = {m}, got {valid.shape}')
+  if valid.shape[0] != b or valid.shape[2] > s or m % valid.shape[1]:
+    raise ValueError(f'valid must be [B, S\'] or [B, R\', S\'] with B = {b}, '
+                     f'S\' <= S = {s} and R\' dividing M = {m}, got {valid.shape}')
+  read = valid.shape[2]
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}')
   block_s = 64 if block_s is None else block_s
@@ -175,11 +227,12 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
 
-  # The mask becomes an additive bias; positions past S get -inf so that a
-  # fully masked row averages over exactly S positions.
-  s_pad = pl.cdiv(s, block_s) * block_s
+  # The mask becomes an additive bias; positions past S' get -inf so that a
+  # fully masked row averages over exactly the S' positions read.
+  s_pad = pl.cdiv(read, block_s) * block_s
   bias = jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)
-  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, s_pad - s)), constant_values=-jnp.inf)
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, s_pad - read)),
+                 constant_values=-jnp.inf)
 
   if kv_layout == 'BSKH':
     kv_spec = pl.BlockSpec((None, s, None, h), lambda i, j: (i, 0, j, 0))
@@ -188,20 +241,33 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   # q as [B*R, Q, H] and the output as [B*R, K*G, H], whole: each program
   # finds its [R, G] block of rows.
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0, 0))
-  out_shape = (b * beams, kh * group, h)
+  out_shape = jax.ShapeDtypeStruct((b * beams, kh * group, h), q.dtype)
+  in_specs = [whole((b * beams,) + q.shape[2:]), kv_spec, kv_spec,
+              pl.BlockSpec((None, bias.shape[1], s_pad), lambda i, j: (i, 0, 0))]
+  args = [q.reshape(b * beams, *q.shape[2:]), k, v, bias]
+  out_specs, aliases = whole(out_shape.shape), {}
+  if write_slot is not None:
+    in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))
+    args.append(jnp.asarray(write_slot, jnp.int32).reshape(1))
+    out_shape = (out_shape, jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype))
+    out_specs, aliases = (out_specs, kv_spec, kv_spec), {1: 1, 2: 2}
   out = pl.pallas_call(
-      functools.partial(_kernel, block_s=block_s, seq_len=s, beams=beams,
-                        group=group, scale=scale),
-      out_shape=jax.ShapeDtypeStruct(out_shape, q.dtype),
+      functools.partial(_kernel, block_s=block_s, seq_len=read, beams=beams,
+                        group=group, scale=scale, write=write_slot is not None),
+      out_shape=out_shape,
       grid=(b, kh),
-      in_specs=[whole((b * beams,) + q.shape[2:]), kv_spec, kv_spec,
-                pl.BlockSpec((None, bias.shape[1], s_pad), lambda i, j: (i, 0, 0))],
-      out_specs=whole(out_shape),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),
       interpret=interpret,
-      name='decode_attention',
-  )(q.reshape(b * beams, *q.shape[2:]), k, v, bias)
+      name='decode_attention' + ('_write' if write_slot is not None else ''),
+  )(*args)
+  if write_slot is not None:
+    out, k, v = out
+    return out.reshape(b, beams, kh * group, h), k, v
   return out.reshape(b, beams, kh * group, h) if rows else out.reshape(b, kh, group, h)
 
 

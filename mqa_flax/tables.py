@@ -151,7 +151,9 @@ def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
           [num(r.get('us_per_token')), num(r.get('program_predicted_us_per_token')),
            num(r.get('compile_s')),
            DASH if b is None else f'{b / 1e6:.1f}', num(r.get('achieved_gbps')),
-           num(r.get('floor_us_per_token')), DASH if f is None else f'{f:.2f}'])
+           num(r.get('floor_us_per_token')), DASH if f is None else f'{f:.2f}',
+           DASH if r.get('tokens_same_fraction') is None
+           else f"{r['tokens_same_fraction']:.3f}"])
 
 
 def impl_label(r: dict[str, Any]) -> str:
@@ -232,6 +234,11 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
       '\n### Every benchmark row\n\n' +
       md_table(['variant', 'kind', 'cache', 'batch', 'S', 'T', 'dtype',
                 'µs/token', 'predicted', 'compile (s)', 'MB/step', 'GB/s',
-                'floor (µs/token)', 'fraction of floor'], detail_rows) +
+                'floor (µs/token)', 'fraction of floor', 'same tokens'],
+               detail_rows) +
       '\npredicted: the µs/token `gpu_targets`\' cost model gives the program '
-      'timed (padded decoder rows on an H100 or H200).\n')
+      'timed (padded decoder rows on an H100 or H200). same tokens: the '
+      'fraction of its decoded tokens equal to those of the first decoder row '
+      'of its variant, batch and beams (same weights and inputs; rounding '
+      'flips a near tie now and then, a kernel computing something else '
+      'many).\n')

@@ -188,6 +188,35 @@ def test_impls_name_the_argmax_and_rows_and_tables_keep_it(tmp_path):
   assert 'mqa (xla/BKLH/pallas)' in text and 'mqa (xla/BKLH)' in text
 
 
+def test_rows_say_how_many_tokens_match_the_first_impls(monkeypatch, tmp_path):
+  # Same weights and inputs: the Pallas attention decodes what XLA's does;
+  # an xla_reduce whose step forgets to write its K/V into the cache (a
+  # broken kernel, simulated) decodes something else, and says so.
+  from mqa_flax import model as model_lib  # pylint: disable=g-import-not-at-top
+  write_and_attend = model_lib.DecoderLayer._write_and_attend
+
+  def forgetful(self, qkv, cache, slot, mask, read_len, impl, layout, beams):
+    y, k, v = write_and_attend(self, qkv, cache, slot, mask, read_len, impl,
+                               layout, beams)
+    if impl == 'xla_reduce':
+      k, v = cache['k'], cache['v']  # This position's K/V are forgotten.
+    return y, k, v
+  monkeypatch.setattr(model_lib.DecoderLayer, '_write_and_attend', forgetful)
+  rows = benchmark.run({'mqa': tiny(1)}, batch=8, src_len=S, tgt_len=2 * T,
+                       kinds=('greedy', 'beam4'), cache_modes=('padded',), reps=1,
+                       beam_batch=4, impls=benchmark.parse_impls(
+                           ['xla/BKLH', 'pallas/BKLH', 'xla_reduce/BKLH']))
+  by = {(r['attention_impl'], r['kind']): r for r in rows}
+  assert 'tokens_same_fraction' not in by['xla', 'greedy']  # The reference.
+  for kind in ('greedy', 'beam4'):
+    assert by['pallas', kind]['tokens_reference'] == 'xla/BKLH/xla padded' + (
+        ' reorder' if kind == 'beam4' else '')
+    assert by['pallas', kind]['tokens_same_fraction'] == 1.0
+    assert by['xla_reduce', kind]['tokens_same_fraction'] < 0.8
+  text = report.write_benchmark(rows, str(tmp_path))
+  assert 'same tokens' in text
+
+
 def test_beam_rows_for_each_beam_cache_and_tables_keep_them_apart(tmp_path):
   rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
                        kinds=('greedy', 'beam4'), cache_modes=('padded',), reps=1,

@@ -35,11 +35,11 @@ PER_LAYER, FIXED = 24, {'greedy': 4, 'beam': 20}
 
 @functools.cache
 def _report(program: str, k: int, layout: str, cache: str = 'padded',
-            impl: str = 'xla') -> dict:
+            impl: str = 'xla', beam_cache: str = 'reorder') -> dict:
   cfg = ModelConfig(vocab_size=64, num_encoder_layers=1,
                     num_decoder_layers=LAYERS, d_model=32, d_ff=64, num_heads=8,
                     num_kv_heads=k, head_dim=32, max_len=64, dtype='bfloat16',
-                    cache_layout=layout, attention_impl=impl)
+                    cache_layout=layout, attention_impl=impl, beam_cache=beam_cache)
   p = gpu_program.Program(program, batch=16, src_len=16, tgt_len=32, beam_size=4,
                           cache=cache, chunk=8)
   return gpu_program.program_report(cfg, p, 'h200')
@@ -80,6 +80,27 @@ def test_beam_steps_of_every_attention_impl_copy_no_cache(impl, k):
   # with the Pallas attention.
   r = _report('beam', k, 'BKLH', impl=impl)
   assert r['cache_copies_per_step'] == 0, r['kernels_by_kind']
+
+
+@pytest.mark.parametrize('program,cache,beam_cache', [
+    ('greedy', 'padded', 'reorder'), ('greedy', 'growing', 'reorder'),
+    ('beam', 'padded', 'reorder'), ('beam', 'padded', 'pointers')])
+@pytest.mark.parametrize('k,layout', [(1, 'BKLH'), (2, 'BLKH')])
+def test_pallas_attention_writes_the_cache_itself(program, cache, beam_cache, k,
+                                                  layout):
+  # With the Pallas attention each layer's self-attention kernel writes its
+  # position's K/V into both cache leaves, aliased in place: no update
+  # kernel writes K/V (the one update left writes the output tokens), and
+  # no cache copy.
+  r = _report(program, k, layout, cache, 'pallas', beam_cache)
+  steps = r['steps_per_loop']
+  writers = [x for x in r['kernels'] if x['kind'] == 'pallas' and
+             [inplace for _, inplace in x['outputs']] == [False, True, True]]
+  assert len(writers) == LAYERS * steps, r['kernels_by_kind']
+  new_kv = 16 * (4 if program == 'beam' else 1) * k * 32 * 2  # [rows, K, H] bf16.
+  assert not [x for x in r['kernels'] if x['kind'] == 'update'
+              and x['written'] >= new_kv], r['kernels_by_kind']
+  assert r['cache_copies_per_step'] == 0
 
 
 @pytest.mark.parametrize('program', ['greedy', 'beam'])
@@ -241,6 +262,26 @@ def test_paper_shape_step_flops_and_prediction(argmax, impl):
   overhead_us = gpu_targets.COST_MODEL['kernel_overhead_s'] * 1e6
   assert r['predicted_overhead_us'] == pytest.approx(overhead_us * r['kernels_per_step'])
   assert 'predicted' in gpu_program.format_report(r)
+
+
+def test_serial_floor_adds_the_gemms_arithmetic_to_the_cache_bytes():
+  # 1 GB of floor of which 0.2 GB weights, 330 GFLOP, on the H200 (4.8 TB/s,
+  # 659 TFLOP/s): memory 208 us, compute 501 us; one kernel after another
+  # at least 0.8 GB / 4.8 TB/s + 501 us = 667 us, so 0.75 of the compute
+  # floor at best.
+  report = dict(floor_bytes_per_step=1e9, flops_per_step=329.5e9)
+  got = gpu_program.serial_floor(report, 0.2e9, 'h200')
+  assert got['floor_memory_us'] == pytest.approx(1e9 / 4.8e12 * 1e6)
+  assert got['floor_compute_us'] == pytest.approx(500.0)
+  assert got['serial_floor_us'] == pytest.approx(0.8e9 / 4.8e12 * 1e6 + 500.0)
+  assert got['serial_floor_fraction'] == pytest.approx(0.75)
+  # The paper-shape mqa step: compute-bound, and its 12 attention kernels'
+  # cache reads cannot hide under the GEMMs, so it can reach at most about
+  # 0.7 of its floor (docs/perf.md), whatever the kernels.
+  r = _paper('mqa', 'pallas', 'pallas')
+  assert r['floor_compute_us'] > r['floor_memory_us']
+  assert 0.6 < r['serial_floor_fraction'] < 0.75
+  assert 'one after another' in gpu_program.format_report(r)
 
 
 def test_paper_shape_fused_argmax_writes_no_logits():

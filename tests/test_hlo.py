@@ -162,3 +162,29 @@ ENTRY %main (a: (bf16[4,16,32])) -> (f32[4,16,8]) {
   assert flops == {'gemm_fusion_dot.1': 2 * 4 * 16 * 8 * 32, 'loop_add_fusion': 0,
                    'custom-call.1': 2 * 64 * 48 * 32, 'pallas_call.1': 2 * 64 * 1000 * 32}
   assert [k.kind for k in step] == ['gemm', 'elementwise', 'gemm', 'pallas']
+
+
+def test_a_custom_calls_result_aliased_to_an_operand_is_written_in_place():
+  # The Pallas attention writing its position's K/V into two cache leaves:
+  # results 1 and 2 alias operands 1 and 2 (updated in place, nothing
+  # counted written; the HLO does not say how much), result 0 is written.
+  text = """HloModule m
+%body (s: (bf16[16,8,32], bf16[16,1,32,32], bf16[16,1,32,32])) -> (bf16[16,8,32]) {
+  %s = (bf16[16,8,32]{2,1,0}) parameter(0)
+  %q = bf16[16,8,32]{2,1,0} get-tuple-element(%s), index=0
+  %k = bf16[16,1,32,32]{3,2,1,0} get-tuple-element(%s), index=1
+  %v = bf16[16,1,32,32]{3,2,1,0} get-tuple-element(%s), index=2
+  %pallas_call.1 = (bf16[16,8,32]{2,1,0}, bf16[16,1,32,32]{3,2,1,0}, bf16[16,1,32,32]{3,2,1,0}) custom-call(%q, %k, %v), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[16,8,32]{2,1,0}, bf16[16,1,32,32]{3,2,1,0}, bf16[16,1,32,32]{3,2,1,0}}, output_to_operand_aliasing={{1}: (1, {}), {2}: (2, {})}, api_version=API_VERSION_TYPED_FFI
+  ROOT %r = (bf16[16,8,32]{2,1,0}) tuple(%pallas_call.1)
+}
+ENTRY %main (a: (bf16[16,8,32])) -> (bf16[16,8,32]) {
+  %w = (bf16[16,8,32]{2,1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+  [[call]] = hlo.loop_kernels(text)
+  out, leaf = 16 * 8 * 32 * 2, 16 * 32 * 32 * 2
+  assert call.outputs == ((out, False), (0, True), (0, True))
+  assert (call.read, call.written) == (out + 2 * leaf, out)
+  assert not call.copies(leaf)
+  assert hlo.loop_traffic(text, leaf) == {}  # Nothing cache-sized written.
+  assert hlo.loop_traffic(text, out) == {'custom-call': out}

@@ -65,15 +65,18 @@ def _values(impl) -> tuple[str, str]:
 
 def _decoding_cases():
   """Every variant with XLA in both layouts, padded and growing (one layout:
-  they share the padded path); the other choices on _SOME_VARIANTS."""
+  they share the padded path); the other choices on _SOME_VARIANTS, and
+  'pallas' (which reads a growing cache its own way) growing too."""
   for variant in VARIANTS:
     yield pytest.param(variant, 'growing', IMPLS[0], id=f'xla/BLKH-growing-{variant}')
     for impl in IMPLS:
       values = _values(impl)
       if values[0] == 'xla' or variant in _SOME_VARIANTS[values]:
         marks = getattr(impl, 'marks', ())
-        yield pytest.param(variant, None, values, marks=marks,
-                           id=f'{"/".join(values)}-None-{variant}')
+        modes = [None, 'growing'] if values[0] == 'pallas' else [None]
+        for mode in modes:
+          yield pytest.param(variant, mode, values, marks=marks,
+                             id=f'{"/".join(values)}-{mode}-{variant}')
 
 
 @pytest.mark.parametrize('variant,read_len,impl', list(_decoding_cases()))

@@ -80,6 +80,55 @@ def test_each_group_of_query_rows_takes_its_own_mask(kh, groups, kv_layout):
     decode_attention(q, k, v, jnp.ones((3, 3, 40), bool), kv_layout=kv_layout)
 
 
+@pytest.mark.parametrize('kv_layout', ['BSKH', 'BKSH'])
+@pytest.mark.parametrize('kh,beams,read', [(1, 1, 40), (2, 1, 23), (8, 1, 40),
+                                           (1, 3, None), (2, 4, None)])
+def test_write_slot_writes_the_new_kv_and_attends_to_them(kh, beams, read,
+                                                          kv_layout):
+  # A merged projection [B, R, K*G + 2K, H]: each beam r's keys and values
+  # (heads K*G + j and K*G + K + j) go to key position r*L + slot of its own
+  # cache row of L = S/R positions, in place, and the output is attention
+  # over the written cache (the first `read` positions of it), where beam r
+  # sees, of the R written positions, its own only (valid or not).
+  g, b, h, length, slot = N // kh, 3, 32, 20, 5
+  s = beams * length if read is None else read
+  read = s if read is None else 17
+  kv_shape = (b, s, kh, h) if kv_layout == 'BSKH' else (b, kh, s, h)
+  keys = jax.random.split(jax.random.key(kh * beams), 4)
+  merged = jax.random.normal(keys[0], (b, beams, kh * g + 2 * kh, h))
+  k = jax.random.normal(keys[1], kv_shape)
+  v = jax.random.normal(keys[2], kv_shape)
+  valid = jax.random.uniform(keys[3], (b, beams, read)) < 0.6
+  valid = valid.at[1].set(False)  # Row 1 sees the new position alone.
+  got, got_k, got_v = jax.jit(
+      decode_attention, static_argnames=('kv_layout', 'rows', 'block_s'))(
+          merged, k, v, valid, kv_layout=kv_layout, rows=g,
+          write_slot=jnp.int32(slot), block_s=16)
+  axis = 1 if kv_layout == 'BSKH' else 2
+  new_k = merged[:, :, kh * g:kh * g + kh]  # [B, R, K, H]
+  new_v = merged[:, :, kh * g + kh:]
+  want_k, want_v = np.array(k), np.array(v)
+  for r in range(beams):
+    at = (slice(None),) * axis + (r * (s // beams) + slot,)
+    want_k[at], want_v[at] = new_k[:, r], new_v[:, r]
+  np.testing.assert_array_equal(got_k, want_k)
+  np.testing.assert_array_equal(got_v, want_v)
+  assert not np.array_equal(got_k, k)  # The write changed something.
+  first = (slice(None),) * axis + (slice(0, read),)
+  queries = merged[:, :, :kh * g].reshape(b, beams, kh, g, h)
+  queries = queries.transpose(0, 2, 1, 3, 4).reshape(b, kh, beams * g, h)
+  written = jnp.arange(read) % (s // beams) == slot  # Every beam's new position.
+  own = jnp.arange(read)[None, :] == (jnp.arange(beams) * (s // beams) + slot)[:, None]
+  seen = (valid & ~written[None, None]) | own[None]  # [B, R, S']
+  per_row = jnp.repeat(seen, g, axis=1)  # [B, M, S']
+  for row in range(beams * g):
+    want = _f32_reference(queries[:, :, row:row + 1], want_k[first], want_v[first],
+                          per_row[:, row], kv_layout)
+    r, j = divmod(row, g)
+    np.testing.assert_allclose(got[:, r, :].reshape(b, kh, g, h)[:, :, j:j + 1],
+                               want, rtol=1e-5, atol=1e-5)
+
+
 def test_empty_row_is_mean_of_values():
   q, k, v, valid = _inputs(3, 40, 2, 4, 32, jnp.float32, 'BSKH')
   got = decode_attention(q, k, v, valid, block_s=16)
@@ -122,8 +171,10 @@ def test_bad_arguments_raise():
     decode_attention(q, k, v, valid, kv_layout='BKSH')  # k is BSKH.
   with pytest.raises(ValueError, match='4-d'):
     decode_attention(q[:, :, 0], k, v, valid)  # No M axis.
-  with pytest.raises(ValueError, match='valid'):
-    decode_attention(q, k, v, valid[:, :-1])
+  with pytest.raises(ValueError, match='valid'):  # More positions than k has.
+    decode_attention(q, k, v, jnp.pad(valid, ((0, 0), (0, 1))))
+  with pytest.raises(ValueError, match='write_slot needs'):  # No K/V heads in q.
+    decode_attention(q, k, v, valid, write_slot=jnp.int32(0))
   with pytest.raises(ValueError, match='dtypes'):
     decode_attention(q.astype(jnp.bfloat16), k, v, valid)
   with pytest.raises(ValueError, match='block_s'):
