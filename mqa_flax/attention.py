@@ -293,8 +293,10 @@ class Attention(nnx.Module):
     'pointers') each of a sentence's M rows is its beam's own, written only
     by it, and the mask [B, 1, M*L] covers all M*L of the sentence's keys.
     A mask over S' < L positions reads only the first S' (a growing cache).
-    Returns (output [B, 1, D], k, v), k and v updated in place: no cache
-    update kernel of their own.
+    Of the positions written, each beam attends to its own, whatever the
+    mask says there, and to no other beam's (`decode_attention`'s
+    `write_slot`). Returns (output [B, 1, D], k, v), k and v updated in
+    place: no cache update kernel of their own.
     """
     kh, n = self.k.shape[1], self.q.shape[1]
     rows = qkv_B1NH.shape[0]

@@ -44,9 +44,10 @@ of its batch and beam size (same weights, same inputs) carries
 `tokens_same_fraction`, the fraction of the tokens its last timed call
 decoded that equal those of that first row (`tokens_reference`): every
 implementation computes the same function, so a kernel that computes
-something else shows as a low fraction, while rounding (bfloat16; float32
-logits in the Pallas argmax) flips a near tie now and then, and with it
-the rest of that sentence.
+something else shows as a low fraction; rounding (bfloat16; float32
+logits in the Pallas argmax) flips near ties, each changing the rest of
+its sentence, and beam search's ranking many: compare rows with each
+other, not with 1.
 Inference kinds use weights cast to the compute dtype, as `analyze` assumes.
 """
 

@@ -239,6 +239,6 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
       '\npredicted: the µs/token `gpu_targets`\' cost model gives the program '
       'timed (padded decoder rows on an H100 or H200). same tokens: the '
       'fraction of its decoded tokens equal to those of the first decoder row '
-      'of its variant, batch and beams (same weights and inputs; rounding '
-      'flips a near tie now and then, a kernel computing something else '
-      'many).\n')
+      'of its variant, batch and beams (same weights and inputs; in bfloat16 '
+      'rounding flips near ties, beam search\'s often: compare rows with each '
+      'other).\n')
