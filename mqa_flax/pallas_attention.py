@@ -151,8 +151,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   into k and v (a decode cache, updated in place) before attending to them:
   no separate cache update kernels.
 
-  A row with no valid key position returns the mean of v over all S (a
-  uniform softmax), as `mqa_flax.attention.dot_product_attention` does.
+  A row with no valid key position returns the mean of v over the S'
+  positions read (a uniform softmax), as
+  `mqa_flax.attention.dot_product_attention` does.
   The mask is a kv row's, or one per group of M / R' query rows (each beam's
   own, where beams read all of their sentence's cache).
 
