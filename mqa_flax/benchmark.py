@@ -74,6 +74,7 @@ from mqa_flax import hlo
 from mqa_flax import kernel_times
 from mqa_flax import state as state_lib
 from mqa_flax import steps
+from mqa_flax import tables
 from mqa_flax.config import ModelConfig
 from mqa_flax.model import Cache, Transformer, abstract_model, cache_bytes
 
@@ -411,9 +412,9 @@ def run(variants: dict[str, ModelConfig], *,
                                 argmax_impl=argmax, beam_cache=beam_cache)
       row, tokens = _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
                                   tgt_len, chunk, seed, d, timing, profile)
-      label = ' '.join(x for x in (f'{impl}/{layout}/{argmax}', mode,
-                                   beam_cache if beams > 1 else None) if x)
-      ref_label, ref = first_tokens.setdefault((b, beams), (label, tokens))
+      label = tables.impl_label(dict(attention_impl=impl, cache_layout=layout,
+                                     argmax_impl=argmax, beam_cache=beam_cache))
+      ref_label, ref = first_tokens.setdefault((b, beams), (f'{label} {mode}', tokens))
       if ref is not tokens:
         row.update(tokens_reference=ref_label,
                    tokens_same_fraction=float(np.mean(tokens == ref)))

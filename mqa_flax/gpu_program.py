@@ -9,10 +9,11 @@ XLA compiles for a GPU it does not have ("deviceless" ahead-of-time
 compilation): `jax.experimental.topologies` describes an H100 or H200 by its
 `GpuTargetConfig` (`gpu_targets.TARGETS`), every input is a
 `jax.ShapeDtypeStruct` placed on that one-device topology, and
-`jit(f).lower(...).compile()` gives the program the GPU would run. It needs the `gpu-aot` extra (the CUDA plugin,
-ptxas, cuDNN); `available()` says whether it is there. The fusions, kernel
-counts, copies, in-place updates and bytes are what a GPU would run; GEMM
-autotuning is off without a device, so GEMM backends and timings are not.
+`jit(f).lower(...).compile()` gives the program the GPU would run. It needs
+the `gpu-aot` extra (the CUDA plugin, ptxas, cuDNN); `available()` says
+whether it is there. The fusions, kernel counts, copies, in-place updates
+and bytes are what a GPU would run; GEMM autotuning is off without a
+device, so GEMM backends and timings are not.
 
 `program_report` reads the compiled HLO (`hlo.step_counts`): for one step of
 the loop (the while-loop body with the most bytes, plus its condition) the
@@ -208,13 +209,15 @@ def kernel_registers(dump_dir: str) -> dict[str, tuple[int, int]]:
   return out
 
 
-def floor_bytes(cfg: ModelConfig, p: Program) -> float | None:
-  """Bytes one decode step must move (`costs.analyze`, beams' reorder included)."""
+def decode_floor(cfg: ModelConfig, p: Program) -> tuple[float, float] | None:
+  """Bytes one decode step must move (`costs.analyze`, beams' reorder
+  included) and, of those, its weights' bytes; None for other programs."""
   if p.program not in ('greedy', 'beam'):
     return None
   stats = costs.analyze(cfg, p.batch, p.src_len, p.tgt_len, p.beams)
   return (stats[f'decode_bytes_per_step_{p.cache}'] +
-          stats[f'decode_reorder_bytes_per_step_{p.cache}'])
+          stats[f'decode_reorder_bytes_per_step_{p.cache}'],
+          stats['decode_weight_bytes_per_step'])
 
 
 # An HLO instruction and its deduplicated_name: identical fusions share that
@@ -239,19 +242,18 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
     usage = kernel_registers(tmp) if registers else None
   reorder = hlo.beam_reorder_arrays(cfg.num_decoder_layers, p.beams, p.cache,
                                     cfg.beam_cache)
+  floor = decode_floor(cfg, p)
   report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
                 attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
                 argmax_impl=cfg.argmax_impl if p.program in ('greedy', 'beam') else None,
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                 dtype=cfg.dtype, cache_leaf_bytes=leaf,
-                **hlo.step_counts(text, leaf, floor_bytes(cfg, p), reorder,
+                **hlo.step_counts(text, leaf, floor and floor[0], reorder,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
   report.update(predict(report, p, target))
-  if report['floor_bytes_per_step']:
-    weights = costs.analyze(cfg, p.batch, p.src_len, p.tgt_len, p.beams)[
-        'decode_weight_bytes_per_step']
-    report.update(serial_floor(report, weights, target))
+  if floor:
+    report.update(serial_floor(report, floor[1], target))
   if usage is not None:
     # A kernel without a PTX entry of its own takes its group's; a Pallas
     # call, its kernel's.
