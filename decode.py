@@ -90,6 +90,10 @@ _B_BEAM_CACHES = flags.DEFINE_list(
     'bench_beam_caches', [], "benchmark: beam rows' self-attention caches to "
     "compare in this one process, each 'reorder' or 'pointers' "
     '(config.decode.beam_cache), one row each; default: the config value.')
+_B_SEQ_IMPLS = flags.DEFINE_list(
+    'bench_seq_impls', [], 'benchmark: attention over whole sequences of the '
+    'encoder and training rows to compare in this one process, each xla or '
+    'cudnn (config.seq_attention_impl), one row each; default: the config value.')
 _B_PROFILE = flags.DEFINE_bool(
     'bench_profile', False, 'benchmark: run each padded decoder row once more '
     'under the profiler; its row then carries `profile`, the measured time of '
@@ -117,6 +121,9 @@ flags.register_validator(
 flags.register_validator(
     'bench_beam_caches', lambda v: set(v) <= {'reorder', 'pointers'},
     '--bench_beam_caches takes reorder and/or pointers')
+flags.register_validator(
+    'bench_seq_impls', lambda v: set(v) <= {'xla', 'cudnn'},
+    '--bench_seq_impls takes xla and/or cudnn')
 flags.register_validator('alpha', lambda a: a is None or math.isfinite(a),
                          '--alpha must be a finite number >= 0')
 
@@ -194,7 +201,8 @@ def _variant_configs() -> dict[str, ModelConfig]:
   out = {}
   for v in _VARIANTS.value:
     c = set_values(load_config(path, v + suffix), config_flags.get_override_values(flag))
-    out[v] = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
+    out[v] = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode,
+                                     c.seq_attention_impl)
   return out
 
 
@@ -221,6 +229,7 @@ def benchmark_mode() -> str:
       src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,
       train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
       cache_modes=_B_CACHE_MODES.value, beam_caches=_B_BEAM_CACHES.value or None,
+      seq_impls=_B_SEQ_IMPLS.value or None,
       impls=benchmark.parse_impls(_B_IMPLS.value) or None,
       profile=_B_PROFILE.value, emit=emit)
   table = report.write_benchmark(rows, out)

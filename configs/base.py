@@ -13,6 +13,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = 'mha'  # Attention variant name (configs/variants.py), for reports.
   c.seed = 0  # Parameter init, dropout and data order.
+  # How attention over whole sequences computes (training, evaluation, the
+  # encoder), never what: 'xla' (einsums; the [B, N, T, S] scores and their
+  # gradients go through memory) or 'cudnn' (cuDNN's fused attention: a CUDA
+  # GPU, model.dtype bfloat16 or float16; fewer kernels and bytes in the
+  # compiled program, docs/perf.md). Not part of the architecture: a run may
+  # resume with the other, and a run trained with 'cudnn' decodes anywhere.
+  c.seq_attention_impl = 'xla'
 
   c.model = m = ml_collections.ConfigDict()
   m.num_encoder_layers = 6

@@ -53,11 +53,11 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   `row_masks` its beams their self-attention cache (each with its own mask).
 
   `impl` chooses how it is computed, never what: 'xla' (grouped einsums, any
-  T), or, for one query position (T == 1, incremental decoding),
-  'xla_reduce' (the same sums written as products and reductions, which XLA
-  fuses with the softmax, where R = 1; with R > 1 the einsums; see
-  `_attention_by_reductions`), 'cudnn'
-  (`jax.nn.dot_product_attention` on a GPU, layout BSKH only) or 'pallas'
+  T), 'cudnn' (cuDNN's fused attention, `jax.nn.dot_product_attention`, on
+  a GPU, layout BSKH only, any T) or, for one query position (T == 1,
+  incremental decoding), 'xla_reduce' (the same sums written as products
+  and reductions, which XLA fuses with the softmax, where R = 1; with R > 1
+  the einsums; see `_attention_by_reductions`) or 'pallas'
   (`mqa_flax.pallas_attention.decode_attention`). Those three need the R
   rows that share a key/value row to share its mask too, unless `row_masks`.
 
@@ -70,11 +70,12 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
       it as stored, with no reshape between a cache update and its read).
     v: values, laid out as k.
     mask_BTS: True where query t may attend to key s (query batch).
-    impl: one of config.ATTENTION_IMPLS (how a T == 1 step computes).
+    impl: one of config.ATTENTION_IMPLS (T == 1) or SEQ_ATTENTION_IMPLS.
     kv_layout: 'BSKH' or 'BKSH'.
     num_kv_heads: K, needed for 'BKSH' only.
-    scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce' and
-      'pallas' apply it to the float32 scores, the others to q in its dtype.
+    scale: multiplies q.k (1/sqrt(H) in a Transformer): 'xla_reduce',
+      'cudnn' and 'pallas' apply it to the float32 scores, 'xla' to q in its
+      dtype.
     num_heads: N, where q_BTNH holds more heads than the queries.
     row_masks: the R rows that share a key/value row each have a mask of
       their own (beam search's 'pointers' cache): 'pallas' takes them all,
@@ -105,11 +106,10 @@ def dot_product_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   if impl == 'xla_reduce' and t == 1 and r == 1:
     return _attention_by_reductions(q_BTNH, k, v, mask_BTS[:, 0], kv_layout, kh,
                                     scale)
+  if impl == 'cudnn':
+    return _cudnn_attention(q_BTNH, k, v, mask_BTS, kv_layout, scale)
   if scale != 1.0:
     q_BTNH = q_BTNH * jnp.asarray(scale, q_BTNH.dtype)
-  if impl == 'cudnn' and t == 1:
-    return _cudnn_attention(q_BTNH, k, v, mask_BTS.reshape(bk, r, s)[:, 0],
-                            kv_layout, kh)
   # Fold the R query rows that share a key/value row into the query axis.
   q = q_BTNH.reshape(bk, r * t, kh, g, h)
   if kv_layout == 'BSKH':
@@ -159,9 +159,15 @@ def _attention_by_reductions(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   return out.astype(v.dtype).reshape(b, 1, n, h)
 
 
-def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
-                     valid_BS: jax.Array, kv_layout: str, kh: int) -> jax.Array:
-  """One query position through cuDNN's fused attention (GPU only)."""
+def _cudnn_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
+                     mask_BTS: jax.Array, kv_layout: str, scale: float) -> jax.Array:
+  """cuDNN's fused attention (GPU only), for any number of query positions.
+
+  The R query rows that share a key/value row become R * T query positions
+  of it, each with its own mask row. For whole sequences (T > 1), an odd
+  query or key length is padded by one masked position (cuDNN's backward
+  pass with a mask takes even lengths only) and the padding sliced off.
+  """
   if not for_gpu():
     raise NotImplementedError(
         f"attention impl 'cudnn' needs a CUDA GPU; this backend is "
@@ -169,16 +175,20 @@ def _cudnn_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
   if kv_layout != 'BSKH':
     raise ValueError("attention impl 'cudnn' takes keys/values as [B, S, K, H] "
                      "only: use cache_layout 'BLKH'")
-  del kh  # In k's shape.
-  b, _, n, h = q_B1NH.shape
-  bk = k.shape[0]
-  r, s = b // bk, k.shape[1]
-  q = q_B1NH.reshape(bk, r, n, h)  # The R rows become query positions.
-  # cuDNN takes the mask at its full query length (R), not broadcast from 1.
-  mask = jnp.broadcast_to(valid_BS[:, None, None, :], (bk, 1, r, s))
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+  b, t, n, h = q_BTNH.shape
+  bk, s = k.shape[:2]
+  rt = b // bk * t
+  q = q_BTNH.reshape(bk, rt, n, h)
+  mask = mask_BTS.reshape(bk, 1, rt, s)
+  if t > 1 and rt % 2:  # Whole sequences (what may be differentiated) only.
+    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1), (0, 0)))
+  if t > 1 and s % 2:
+    k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (k, v))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                      implementation='cudnn')
-  return out.reshape(b, 1, n, h)
+  return out[:, :rt].reshape(b, t, n, h)
 
 
 def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,
@@ -306,7 +316,8 @@ class Attention(nnx.Module):
     return self._project_out(y), k, v
 
   def __call__(self, x_BTD: jax.Array, y_BSD: jax.Array,
-               mask_BTS: jax.Array) -> jax.Array:
-    """Queries from x attend to keys and values from y."""
+               mask_BTS: jax.Array, impl: str = 'xla') -> jax.Array:
+    """Queries from x attend to keys and values from y (whole sequences:
+    `impl` is one of config.SEQ_ATTENTION_IMPLS)."""
     k, v = self.project_kv(y_BSD)
-    return self.attend(x_BTD, k, v, mask_BTS)
+    return self.attend(x_BTD, k, v, mask_BTS, impl)

@@ -330,7 +330,8 @@ def run(variants: dict[str, ModelConfig], *,
         cache_modes: Sequence[str] = CACHE_MODES, reps: int = 5,
         warmup: int = 1, kinds: Sequence[str] = KINDS, chunk: int = 16,
         seed: int = 0, impls: Sequence[tuple[str, str, str]] | None = None,
-        beam_caches: Sequence[str] | None = None, profile: bool = False,
+        beam_caches: Sequence[str] | None = None,
+        seq_impls: Sequence[str] | None = None, profile: bool = False,
         emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
@@ -348,7 +349,11 @@ def run(variants: dict[str, ModelConfig], *,
     impls: (attention_impl, cache_layout, argmax_impl) triples
       (`parse_impls`); each decoder row is timed for each, in this order
       (default: the variant's own). The encoder is timed with the first's
-      layout, training with its own config ('xla').
+      layout.
+    seq_impls: `ModelConfig.seq_attention_impl` values; each encoder and
+      training row is timed for each, in this order, with fields
+      `seq_attention_impl` and `attention_impl` set to it (default: the
+      variant's own).
     beam_caches: `ModelConfig.beam_cache` values; each beam row is timed for
       each, in this order, with field `beam_cache` (default: the variant's own).
     profile: each padded decoder row also runs once under the profiler and
@@ -393,13 +398,16 @@ def run(variants: dict[str, ModelConfig], *,
     def graph(cfg):
       return abstract_model(cfg)[0]
 
-    def measure(kind, cache, batch, impl, layout, argmax, fn, beam_cache=None):
+    def measure(kind, cache, batch, impl, layout, argmax, fn, beam_cache=None,
+                seq_impl=None):
       try:
         row = fn()
       except Exception as err:  # pylint: disable=broad-except
         row = _error_row(kind, cache, batch, err)
-      row = dict(common, attention_impl=impl, cache_layout=layout,
+      row = dict(common, attention_impl=seq_impl or impl, cache_layout=layout,
                  argmax_impl=argmax, beam_cache=beam_cache, **row)
+      if seq_impl:
+        row['seq_attention_impl'] = seq_impl
       rows.append(row)
       if emit:
         emit(row)
@@ -420,13 +428,21 @@ def run(variants: dict[str, ModelConfig], *,
                    tokens_same_fraction=float(np.mean(tokens == ref)))
       return row
 
-    if 'encoder' in kinds:
-      first = dataclasses.replace(base_cfg, attention_impl='xla',
-                                  cache_layout=triples[0][1])
+    def encoder_row(b, seq):
+      cfg = dataclasses.replace(base_cfg, attention_impl='xla',
+                                cache_layout=triples[0][1], seq_attention_impl=seq)
+      return _time_encoder(cfg, graph(cfg), infer, b, src_len, tgt_len, seed, d, timing)
+
+    def train_row(seq):
+      cfg = dataclasses.replace(base_cfg, attention_impl='xla', seq_attention_impl=seq)
+      return _time_train(cfg, graph(cfg), params, train_batch, train_len, opt_config,
+                         seed, d, timing)
+
+    seqs = list(seq_impls or [base_cfg.seq_attention_impl])
+    for seq in seqs if 'encoder' in kinds else []:
       for b in dict.fromkeys([b for b, _, _ in decoders] or [batch]):
-        measure('encoder', None, b, 'xla', first.cache_layout, None,
-                lambda b=b: _time_encoder(first, graph(first), infer, b,
-                                          src_len, tgt_len, seed, d, timing))
+        measure('encoder', None, b, 'xla', triples[0][1], None,
+                functools.partial(encoder_row, b, seq), seq_impl=seq)
     caches = list(beam_caches or [base_cfg.beam_cache])
     for impl, layout, argmax in triples:
       for b, beams, mode in decoders:
@@ -434,11 +450,9 @@ def run(variants: dict[str, ModelConfig], *,
           measure(decoding.search_name(beams), mode, b, impl, layout, argmax,
                   functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
                                     beam_cache), beam_cache if beams > 1 else None)
-    if 'train' in kinds:
-      cfg = dataclasses.replace(base_cfg, attention_impl='xla')
-      measure('train', None, train_batch, 'xla', cfg.cache_layout, None,
-              lambda: _time_train(cfg, graph(cfg), params, train_batch,
-                                  train_len, opt_config, seed, d, timing))
+    for seq in seqs if 'train' in kinds else []:
+      measure('train', None, train_batch, 'xla', base_cfg.cache_layout, None,
+              functools.partial(train_row, seq), seq_impl=seq)
   return rows
 
 

@@ -21,6 +21,7 @@ from mqa_flax.errors import CONFIGS_NOT_IMPORTABLE, UserError
 KV_SCOPES = ('all', 'decoder')
 POS_EMBEDDINGS = ('learned', 'sinusoidal')
 ATTENTION_IMPLS = ('xla', 'xla_reduce', 'cudnn', 'pallas')
+SEQ_ATTENTION_IMPLS = ('xla', 'cudnn')
 ARGMAX_IMPLS = ('xla', 'pallas')
 CACHE_LAYOUTS = ('BLKH', 'BKLH')
 BEAM_CACHES = ('reorder', 'pointers')
@@ -44,10 +45,13 @@ class ModelConfig:
   pos_embedding: str = 'learned'
   dropout_rate: float = 0.1
   dtype: str = 'float32'
+  # How attention over whole sequences computes, never what (training,
+  # evaluation, the encoder): 'xla' (einsums, the scores in memory) or
+  # 'cudnn' (cuDNN's fused attention; a CUDA GPU, bfloat16 or float16).
+  seq_attention_impl: str = 'xla'
   # How incremental decode steps compute, never what (config.decode): the
   # attention implementation, the K/V cache layout and how the output GEMM's
-  # best tokens are found (greedy's argmax, beam search's top-k). Training
-  # uses 'xla'.
+  # best tokens are found (greedy's argmax, beam search's top-k).
   attention_impl: str = 'xla'
   cache_layout: str = 'BLKH'
   argmax_impl: str = 'xla'
@@ -65,6 +69,16 @@ class ModelConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl={self.attention_impl!r}; expected one '
                        f'of {ATTENTION_IMPLS}')
+    if self.seq_attention_impl not in SEQ_ATTENTION_IMPLS:
+      raise ValueError(f'seq_attention_impl={self.seq_attention_impl!r}; expected '
+                       f'one of {SEQ_ATTENTION_IMPLS}')
+    if self.seq_attention_impl == 'cudnn' and (
+        self.dtype not in ('bfloat16', 'float16') or self.head_dim % 8
+        or self.head_dim > 256):
+      raise ValueError(
+          f"seq_attention_impl='cudnn' needs dtype bfloat16 or float16 and a "
+          f'head_dim that is a multiple of 8 up to 256 (dtype={self.dtype!r}, '
+          f"head_dim={self.head_dim}); use seq_attention_impl='xla'")
     if self.argmax_impl not in ARGMAX_IMPLS:
       raise ValueError(f'argmax_impl={self.argmax_impl!r}; expected one of '
                        f'{ARGMAX_IMPLS}')
@@ -92,9 +106,10 @@ class ModelConfig:
     return self.num_kv_heads if self.kv_heads_scope == 'all' else self.num_heads
 
   @classmethod
-  def from_config(cls, model_cfg: Any, vocab_size: int,
-                  decode_cfg: Any = None) -> 'ModelConfig':
-    """Builds from `config.model` (and `config.decode`'s implementation choices).
+  def from_config(cls, model_cfg: Any, vocab_size: int, decode_cfg: Any = None,
+                  seq_attention_impl: str = 'xla') -> 'ModelConfig':
+    """Builds from `config.model` (and `config.decode`'s implementation
+    choices, and `config.seq_attention_impl`'s).
 
     Raises UserError naming the bad value.
     """
@@ -105,9 +120,11 @@ class ModelConfig:
         argmax_impl=decode_cfg.get('argmax_impl', 'xla'),
         beam_cache=decode_cfg.get('beam_cache', 'reorder'))
     try:
-      return cls(**model_cfg.to_dict(), vocab_size=vocab_size, **extra)
+      return cls(**model_cfg.to_dict(), vocab_size=vocab_size,
+                 seq_attention_impl=seq_attention_impl, **extra)
     except (TypeError, ValueError) as e:
-      raise UserError(f'{e} (fix the --config.model or --config.decode values)') from e
+      raise UserError(f'{e} (fix the --config.model, --config.decode or '
+                      '--config.seq_attention_impl values)') from e
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> None:

@@ -246,6 +246,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
   report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
                 attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
                 argmax_impl=cfg.argmax_impl if p.program in ('greedy', 'beam') else None,
+                seq_attention_impl=cfg.seq_attention_impl,
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                 dtype=cfg.dtype, cache_leaf_bytes=leaf,
                 **hlo.step_counts(text, leaf, floor and floor[0], reorder,
@@ -321,7 +322,8 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
           f"src {r['src_len']} tgt {r['tgt_len']} cache {r['cache']} "
           f"{r['cache_layout']} attention {r['attention_impl']}"
           + (f" argmax {r['argmax_impl']}" if r['argmax_impl'] else '') if decoding
-          else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']}"),
+          else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']} "
+          f"attention {r['seq_attention_impl']}"),
       f"loops {r['loops']}; one step (loop body + condition"
       + (f" / {r['steps_per_loop']} steps it runs" if r['steps_per_loop'] > 1 else '')
       + ", or the whole program without a loop):",
@@ -411,7 +413,8 @@ def main(argv):
     raise errors.UserError('compiling for a GPU without one needs the CUDA '
                            "plugin: pip install -e '.[gpu-aot]'")
   config = f.config
-  cfg = ModelConfig.from_config(config.model, config.data.vocab_size, config.decode)
+  cfg = ModelConfig.from_config(config.model, config.data.vocab_size, config.decode,
+                                config.seq_attention_impl)
   cfg = dataclasses.replace(cfg, attention_impl=f.impl or cfg.attention_impl,
                             argmax_impl=f.argmax or cfg.argmax_impl,
                             cache_layout=f.layout or cfg.cache_layout)

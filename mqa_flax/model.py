@@ -107,6 +107,7 @@ class EncoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, dt = cfg.d_model, cfg.compute_dtype
     self.rate = cfg.dropout_rate
+    self.impl = cfg.seq_attention_impl
     self.ln1 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.attn = Attention(d, cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim,
                           dt, rngs=rngs)
@@ -116,7 +117,8 @@ class EncoderLayer(nnx.Module):
   def __call__(self, x_BSD: jax.Array, mask_BSS: jax.Array,
                rngs: nnx.Rngs | None) -> jax.Array:
     h_BSD = self.ln1(x_BSD)
-    x_BSD = x_BSD + _dropout(self.attn(h_BSD, h_BSD, mask_BSS), self.rate, rngs)
+    x_BSD = x_BSD + _dropout(self.attn(h_BSD, h_BSD, mask_BSS, self.impl), self.rate,
+                             rngs)
     return x_BSD + _dropout(self.ffn(self.ln2(x_BSD), rngs, self.rate), self.rate,
                             rngs)
 
@@ -128,6 +130,7 @@ class DecoderLayer(nnx.Module):
     d, dt = cfg.d_model, cfg.compute_dtype
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.rate = cfg.dropout_rate
+    self.impl = cfg.seq_attention_impl  # Whole sequences; `step` takes its own.
     self.ln1 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
     self.self_attn = Attention(d, n, k, h, dt, rngs=rngs)
     self.ln2 = nnx.LayerNorm(d, use_fast_variance=False, rngs=rngs)
@@ -139,11 +142,11 @@ class DecoderLayer(nnx.Module):
                self_mask_BTT: jax.Array, cross_mask_BTS: jax.Array,
                rngs: nnx.Rngs | None) -> jax.Array:
     h_BTD = self.ln1(x_BTD)
-    x_BTD = x_BTD + _dropout(self.self_attn(h_BTD, h_BTD, self_mask_BTT),
+    x_BTD = x_BTD + _dropout(self.self_attn(h_BTD, h_BTD, self_mask_BTT, self.impl),
                              self.rate, rngs)
     x_BTD = x_BTD + _dropout(
-        self.cross_attn(self.ln2(x_BTD), encoded_BSD, cross_mask_BTS), self.rate,
-        rngs)
+        self.cross_attn(self.ln2(x_BTD), encoded_BSD, cross_mask_BTS, self.impl),
+        self.rate, rngs)
     return x_BTD + _dropout(self.ffn(self.ln3(x_BTD), rngs, self.rate), self.rate,
                             rngs)
 

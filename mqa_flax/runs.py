@@ -21,6 +21,7 @@ from mqa_flax import errors
 from mqa_flax import files
 from mqa_flax import inference
 from mqa_flax import metrics as metrics_lib
+from mqa_flax.attention import for_gpu
 from mqa_flax.config import ModelConfig, check_ranges
 from mqa_flax.decoding import search_name
 from mqa_flax.state import abstract_params
@@ -82,7 +83,10 @@ def restore(workdir: str, step: int | None = None,
   if not os.path.exists(spm):
     raise FileNotFoundError(f'{workdir} holds no vocabulary (spm.model)')
   tokenizer = Tokenizer(spm)
-  cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  # How, not what: a run trained with cuDNN's attention decodes on any backend.
+  seq_impl = config.get('seq_attention_impl', 'xla') if for_gpu() else 'xla'
+  cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size,
+                                seq_attention_impl=seq_impl)
   graphdef, abstract = abstract_params(cfg)
   now = ckpt_lib.run_record(config.model.to_dict(), tokenizer.fingerprint,
                             tokenizer.vocab_size)

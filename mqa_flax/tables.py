@@ -145,7 +145,10 @@ def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
   ids = ('variant', 'kind', 'cache', 'batch', 'src_len', 'tgt_len', 'dtype')
   b, f = r.get('bytes_per_step'), r.get('fraction_of_floor')
   cells = [DASH if r.get(k) is None else str(r[k]) for k in ids]
-  if with_impl and r.get('kind') not in ('train', 'encoder'):
+  if r.get('kind') in ('train', 'encoder'):  # Attention over whole sequences.
+    if r.get('seq_attention_impl') not in (None, 'xla'):
+      cells[2] = r['seq_attention_impl']
+  elif with_impl:
     cells[2] += f' {impl_label(r)}'
   return (cells +
           [num(r.get('us_per_token')), num(r.get('program_predicted_us_per_token')),

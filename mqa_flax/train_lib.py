@@ -199,7 +199,11 @@ class Trainer:
     c = self.config
     check_ranges(c)
     ckpt_lib.check_same_architecture(self.workdir, c.to_dict())
-    ModelConfig.from_config(c.model, c.data.vocab_size)
+    ModelConfig.from_config(c.model, c.data.vocab_size,
+                            seq_attention_impl=c.seq_attention_impl)
+    if c.seq_attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+      raise UserError(f"seq_attention_impl='cudnn' needs a CUDA GPU; this backend is "
+                      f"{jax.default_backend()!r}: use --config.seq_attention_impl=xla")
     longest = max(c.data.max_len, c.data.max_eval_len)
     if longest > c.model.max_len:
       raise UserError(f'data.max_len/max_eval_len={longest} exceeds model.max_len='
@@ -210,7 +214,8 @@ class Trainer:
     """The vocabulary, tokenized splits, packed batches and the training length."""
     c = self.config
     self.tokenizer = data.get_tokenizer(c.data, self.workdir, is_primary=self.primary)
-    self.cfg = ModelConfig.from_config(c.model, self.tokenizer.vocab_size)
+    self.cfg = ModelConfig.from_config(c.model, self.tokenizer.vocab_size,
+                                       seq_attention_impl=c.seq_attention_impl)
     self.record = ckpt_lib.run_record(c.model.to_dict(), self.tokenizer.fingerprint,
                                       self.tokenizer.vocab_size)
     self.ckpt = ckpt_lib.Checkpointer(self.workdir, c.keep_checkpoints, self.record)

@@ -71,6 +71,8 @@ CARRY_LIMIT_MIB = 64  # The device tool's limit: working tree and carried paths.
 START_S, BETWEEN_S, IDLE_S, COMMAND_MAX_S = 120, 60, 30, 540
 MARGIN_S = 15  # The job ends this long before its command's limit.
 CORE = ('mha', 'mqa', 'gqa2')
+# Table 1 trains with the first of these that the smoke test ran on the machine.
+SEQ_IMPLS = ('cudnn', 'xla')
 UPTRAIN_SOURCE, UPTRAIN_KV, UPTRAIN_FRACTION = 'mha-s0', {'mqa': 1, 'gqa2': 2}, 0.05
 # Scored per run: dev, test2016 and newstest2014 (--tiny: the numbers test
 # split again, under another name), greedy and beam 4.
@@ -121,6 +123,7 @@ UNITS = (
     Unit('table2-batches', 'table2', ('batches',)),
     Unit('table2-pallas', 'table2', ('pallas',)),
     Unit('table2-beam', 'table2', ('beam',)),
+    Unit('table2-seq', 'table2', ('seq',)),
 )
 # Table 2 parts: `decode.py --mode=benchmark` flags at the paper's shape
 # (configs/paper.py, random weights, bf16; beam 4 at 256 sentences).
@@ -137,6 +140,8 @@ BENCH = {
              '--bench_impls=xla/BKLH,xla_reduce/BKLH,pallas/BKLH,pallas/BKLH/pallas',
              '--bench_beam_caches=reorder,pointers', '--bench_profile'),
     'train': ('--variants=mha,mqa,gqa2', '--bench_kinds=train'),
+    'seq': ('--variants=mha,mqa', '--bench_kinds=encoder,train', '--bench_batch=1024',
+            '--bench_seq_impls=cudnn'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
               '--bench_kinds=greedy,beam4'),
     'batches': ('--variants=mha,mqa,gqa2', '--bench_batch=128,8',
@@ -159,13 +164,17 @@ STEPS = {False: 2520, True: 20}
 # xla_reduce/BKLH is now: about 15 s a row, so 135 s for the Pallas part's
 # nine), and for the parts that profile (--bench_profile) about 1.5 s more
 # per padded decoder row: impls 120 + 12, pallas 135 + 14; the beam part's
-# 24 beam-4 rows (four impls, both beam caches) about 15 s each, 360 + 36.
+# 24 beam-4 rows (four impls, both beam caches) about 15 s each, 360 + 36;
+# the seq part (mha's and mqa's training step and encoder with cuDNN's
+# attention) two training rows of about 42 s (the train part's 125 s of
+# three) and two encoder rows, about 100 s.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
-            impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=396)
+            impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=396,
+            seq=100)
 H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls',
-                'beam'}
+                'beam', 'seq'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
-            impls=40, peer=30, train=15, local=30, batches=25, pallas=15, beam=85)
+            impls=40, peer=30, train=15, local=30, batches=25, pallas=15, beam=85, seq=15)
 
 
 class JobError(Exception):
@@ -189,7 +198,7 @@ class Estimates:
     self.src = {k: 'guess' if (k in H100_GUESSED and not tiny) else fallback for k in self.v}
     mine = [r for r in rows if r.get('device_kind') == kind and r.get('ok')]
     for key in ('smoke', 'main', 'impls', 'peer', 'train', 'local', 'batches',
-                'pallas', 'beam'):
+                'pallas', 'beam', 'seq'):
       item = 'smoke' if key == 'smoke' else f'table2/{key}'
       self._measured(key, [r['seconds'] for r in mine if r.get('item') == item], kind)
     runs = [r for r in mine if r.get('step_s') and r.get('steps_run')]
@@ -672,7 +681,11 @@ class Job:
                          self.kind, self.tiny)
 
   def smoke(self) -> bool:
-    """env.txt (versions, devices, nvidia-smi, commit) and a 20-step tiny training."""
+    """env.txt (versions, devices, nvidia-smi, commit) and a 20-step tiny
+    training, with cuDNN's attention over whole sequences (head_dim 8, as
+    cuDNN needs); where that fails, with XLA's. Table 1 then trains with the
+    one that ran (`seq_attention_impl` in machine.json and each run's
+    config.json)."""
     t0 = time.time()
     env_txt = os.path.join(self.out, 'env.txt')
     code = ('import sys, jax, flax, optax, orbax.checkpoint as o; print("python", '
@@ -686,12 +699,21 @@ class Job:
     dest = os.path.join(self.stage, 'windows', self.window)
     os.makedirs(dest, exist_ok=True)
     shutil.copy(env_txt, dest)
-    wd = os.path.join(self.work, 'smoke')
-    shutil.rmtree(wd, ignore_errors=True)
-    ok = self.sh(self.python('train.py', '--config=configs/multi30k.py:mha,tiny',
-                             f'--workdir={wd}', '--config.num_train_steps=20'),
-                 os.path.join(self.runs, 'smoke.log')) == 0
-    self.record('smoke', time.time() - t0, ok)
+    ok = False
+    for impl in SEQ_IMPLS:
+      wd = os.path.join(self.work, f'smoke-{impl}')
+      shutil.rmtree(wd, ignore_errors=True)
+      ok = self.sh(self.python('train.py', '--config=configs/multi30k.py:mha,tiny',
+                               f'--workdir={wd}', '--config.num_train_steps=20',
+                               '--config.model.head_dim=8',
+                               f'--config.seq_attention_impl={impl}'),
+                   os.path.join(self.runs, 'smoke.log')) == 0
+      self.log(f'smoke with seq_attention_impl={impl}: {"ok" if ok else "FAILED"}')
+      if ok:
+        self.machine['seq_attention_impl'] = impl
+        break
+    self.record('smoke', time.time() - t0, ok,
+                seq_attention_impl=self.machine.get('seq_attention_impl'))
     self.machine['smoke'] = ok
     with open(os.path.join(self.runs, 'machine.json'), 'w') as f:
       json.dump(self.machine, f)
@@ -772,12 +794,16 @@ class Job:
   def train_flags(self, variant: str, seed: int) -> list[str]:
     """train.py flags of a Table 1 run."""
     flags = [f"--config=configs/multi30k.py:{variant}{',tiny' if self.tiny else ''}",
-             f'--config.seed={seed}']
+             f'--config.seed={seed}', self.seq_flag()]
     if not self.tiny:
       flags.append('--config.data.data_dir=.data')
     if self.args.steps:  # A window's own length: config.json records it.
       flags += ['--config.num_epochs=0', f'--config.num_train_steps={self.args.steps}']
     return flags
+
+  def seq_flag(self) -> str:
+    """The attention over whole sequences Table 1 trains with on this machine."""
+    return f"--config.seq_attention_impl={self.machine.get('seq_attention_impl', 'xla')}"
 
   def side_by_side_env(self, n: int) -> dict:
     """The environment of one of n processes sharing the GPU."""
@@ -887,7 +913,8 @@ class Job:
       flags = [f"--config=configs/multi30k.py:mha{',tiny' if self.tiny else ''}",
                f'--config.model.num_kv_heads={k}', f'--config.variant=mha_uptrain_kv{k}',
                '--config.num_epochs=0', f'--config.num_train_steps={steps}',
-               f'--config.seed={seed}'] + ([] if self.tiny else ['--config.data.data_dir=.data'])
+               f'--config.seed={seed}', self.seq_flag()] + (
+                   [] if self.tiny else ['--config.data.data_dir=.data'])
       ok, train_s = self.train(wd, flags, env)
       if ok:
         ok, decode_s = self.score(name, wd, env)

@@ -118,6 +118,49 @@ def test_pallas_impl_at_one_query_position_equals_xla():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _cudnn_call_on_cpu(monkeypatch):
+  """Lets impl 'cudnn' run on the CPU: its `jax.nn.dot_product_attention`
+  call, with the same arguments, runs jax's XLA version of it. Returns the
+  shapes of the queries and keys it is given."""
+  real, shapes = jax.nn.dot_product_attention, []
+
+  def xla_instead(query, key, *args, implementation=None, **kwargs):
+    assert implementation == 'cudnn'
+    shapes.append((query.shape, key.shape))
+    return real(query, key, *args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_instead)
+  monkeypatch.setattr(attention, 'for_gpu', lambda: True)
+  return shapes
+
+
+@pytest.mark.parametrize('k,r,t', [(1, 1, T), (2, 1, T), (N, 1, T), (2, 2, 1)])
+def test_cudnn_call_equals_xla_values_and_gradients(monkeypatch, k, r, t):
+  # T = 3 and S = 5 are odd: for whole sequences the call pads both by one
+  # masked position (cuDNN's backward pass takes even lengths), which must
+  # change nothing. (2, 2, 1): one query position, R = 2 rows per kv row
+  # sharing its mask (beam search's cross-attention). Rows with no key to
+  # attend to (padding) are left out: they average over what the call reads.
+  shapes = _cudnn_call_on_cpu(monkeypatch)
+  q, kk, v, mask = _inputs(k, b=2 * r, t=t, bk=2, seed=11)
+  if r > 1:
+    mask = np.repeat(mask[::r], r, axis=0)
+  seen = mask.any(-1)
+  weights = np.random.default_rng(12).normal(size=q.shape) * seen[..., None, None]
+
+  def loss(impl):
+    return jax.jit(jax.value_and_grad(lambda q, kk, v: jnp.sum(weights * (
+        attention.dot_product_attention(q, kk, v, mask, impl=impl, scale=0.7))),
+                                      argnums=(0, 1, 2)))
+
+  (want, want_grads), (got, got_grads) = loss('xla')(q, kk, v), loss('cudnn')(q, kk, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  odd = t > 1  # T and S are odd: padded for whole sequences only.
+  assert shapes == [((2, r * t + odd, N, H), (2, S + odd, k, H))]
+
+
 @pytest.mark.parametrize('impl', ['xla', 'xla_reduce', 'pallas'])
 def test_queries_given_as_a_merged_projection(impl):
   # With num_heads, q may be a merged projection [B, 1, N + 2K, H] whose

@@ -1,5 +1,6 @@
 """The Table 2 benchmark on tiny configs: row fields, floors, outputs, meaning."""
 
+import dataclasses
 import math
 import os
 
@@ -228,6 +229,28 @@ def test_beam_rows_for_each_beam_cache_and_tables_keep_them_apart(tmp_path):
   assert pointers['reorder_bytes_per_step'] < reorder['reorder_bytes_per_step'] / 10
   text = report.write_benchmark(rows, str(tmp_path))
   assert 'mqa (xla/BLKH/pointers)' in text and 'mqa (xla/BLKH)' in text
+
+
+def test_encoder_and_train_rows_for_each_seq_impl(monkeypatch, tmp_path):
+  # cuDNN's attention runs here as jax's XLA version of the same call; a
+  # float32 model cannot take it and gets error rows, the others go on.
+  from mqa_flax import attention  # pylint: disable=g-import-not-at-top
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda *a, implementation, **k:
+                      real(*a, implementation='xla', **k))
+  monkeypatch.setattr(attention, 'for_gpu', lambda: True)
+  variants = {'mqa': dataclasses.replace(tiny(1), dtype='bfloat16'), 'mha': tiny(4)}
+  rows = benchmark.run(variants, batch=2, src_len=S, tgt_len=T, reps=1,
+                       kinds=('encoder', 'train'), train_batch=TRAIN_B,
+                       train_len=TRAIN_LEN, seq_impls=('xla', 'cudnn'))
+  assert [(r['variant'], r['kind'], r['seq_attention_impl'], r['attention_impl'])
+          for r in rows] == [(v, kind, seq, seq) for v in ('mqa', 'mha')
+                             for kind in ('encoder', 'train') for seq in ('xla', 'cudnn')]
+  timed = [r['us_per_token'] is not None for r in rows]
+  assert timed == [True] * 4 + [True, False] * 2
+  assert all('bfloat16' in r['error'] for r in rows if r['us_per_token'] is None)
+  text = report.write_benchmark(rows, str(tmp_path))
+  assert '| mqa | train | cudnn |' in text and f'| mqa | train | {tables.DASH} |' in text
 
 
 def test_trained_state_is_not_donated_and_bad_kinds_raise():

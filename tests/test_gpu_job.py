@@ -223,3 +223,26 @@ def test_device_kinds_name_results_folders():
   assert gpu_job.device_kind('NVIDIA H100 80GB HBM3', False) == 'h100'
   assert gpu_job.device_kind('TPU v5 lite', False) == 'tpu-v5-lite'
   assert gpu_job.device_kind('NVIDIA H200', True) == 'cpu-tiny'
+
+
+def test_smoke_picks_the_seq_attention_table1_trains_with(tmp_path):
+  # On the CPU cuDNN's attention cannot run: the smoke test says so, trains
+  # with XLA's instead, and the machine remembers it. A machine that ran
+  # cuDNN's passes it to Table 1's train.py (which refuses it here, naming it).
+  proc, _ = _job(tmp_path, '--units=smoke', '--deadline=200')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'smoke with seq_attention_impl=cudnn: FAILED' in proc.stdout
+  assert 'smoke with seq_attention_impl=xla: ok' in proc.stdout
+  with open(f'{tmp_path}/runs/machine.json') as f:
+    machine = json.load(f)
+  assert machine['smoke'] and machine['seq_attention_impl'] == 'xla'
+  files = _members(f'{tmp_path}/out/results.tgz')
+  smoke = json.loads(files['gpu_times.jsonl'].decode().splitlines()[0])
+  assert (smoke['item'], smoke['ok'], smoke['seq_attention_impl']) == ('smoke', True, 'xla')
+  machine['seq_attention_impl'] = 'cudnn'
+  with open(f'{tmp_path}/runs/machine.json', 'w') as f:
+    json.dump(machine, f)
+  proc, _ = _job(tmp_path, '--units=core-s0', '--variants=mha', '--deadline=100',
+                 out='out2')
+  with open(f'{tmp_path}/runs/work/mha-s0/train.log') as f:
+    assert "seq_attention_impl='cudnn' needs" in f.read()

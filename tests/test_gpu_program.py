@@ -183,6 +183,36 @@ def test_cudnn_attention_compiles_for_the_gpu(program):
   assert any('cudnn' in c for c in r['custom_calls'])
 
 
+@pytest.mark.parametrize('k', [1, 8])
+def test_cudnn_attends_whole_sequences_in_training_and_the_encoder(k):
+  # 1 encoder and 2 decoder layers: 1 + 2 * 2 attentions, each one cuDNN
+  # call forward and one backward, in fewer kernels and bytes than the
+  # einsums (which write the [B, N, T, S] scores). Length 47 is odd: cuDNN's backward pass takes
+  # even lengths, and the attention pads them by one. (The einsums' program
+  # does not compile there for K < 8 here: XLA finds no GEMM tiling for a
+  # [752, 32] K/V projection gradient without autotuning.)
+  def report(program, seq, length=48):
+    cfg = ModelConfig(vocab_size=64, num_encoder_layers=1, num_decoder_layers=LAYERS,
+                      d_model=32, d_ff=64, num_heads=8, num_kv_heads=k, head_dim=32,
+                      max_len=64, dtype='bfloat16', seq_attention_impl=seq)
+    p = gpu_program.Program(program, batch=16, src_len=length, tgt_len=length)
+    return gpu_program.program_report(cfg, p, 'h200')
+
+  attentions = 1 + 2 * LAYERS
+  for length in (47, 48):
+    train = report('train', 'cudnn', length)
+    assert train['kernels_by_kind']['attention'] == 2 * attentions
+    calls = ' '.join(train['custom_calls'])
+    assert 'cudnn$fmha' in calls and 'Backward' in calls
+  einsums = report('train', 'xla')
+  assert 'attention' not in einsums['kernels_by_kind']
+  assert train['kernels_per_step'] < einsums['kernels_per_step']
+  assert train['bytes_moved_per_step'] < einsums['bytes_moved_per_step']
+  encoder = report('encoder', 'cudnn')
+  assert encoder['kernels_by_kind']['attention'] == 1
+  assert 'attention cudnn' in gpu_program.format_report(encoder)
+
+
 @pytest.mark.parametrize('k', [1, 2, 8])
 def test_xla_reduce_fuses_each_attention_into_one_kernel(k):
   # Per greedy step, the einsums take a QK kernel, a softmax and a PV kernel

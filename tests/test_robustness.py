@@ -178,10 +178,13 @@ def test_truncated_checkpoints_are_set_aside_until_none_is_left(trained, tmp_pat
     ('--config.model.num_kv_heads=3', ['num_kv_heads=3']),
     ('--config.num_train_steps=0', ['0 steps']),
     ('--config.model.num_kv_head=2', ["'num_kv_head'", 'num_kv_heads']),
+    ('--config.seq_attention_impl=cudnn', ['bfloat16', "seq_attention_impl='xla'"]),
+    ('--config.seq_attention_impl=cudnn --config.model.dtype=bfloat16 '
+     '--config.model.head_dim=8', ['needs a CUDA GPU', '--config.seq_attention_impl=xla']),
 ])
 def test_train_user_errors_are_one_line(tmp_path, flag, words):
   out = _run('train.py', '--config=' + os.path.join(ROOT, 'configs/demo.py:mha,tiny'),
-             f'--workdir={tmp_path}/w', flag)
+             f'--workdir={tmp_path}/w', *flag.split())
   line = _one_error_line(out, *words)
   assert '\\n' not in line and "\\'" not in line
 
@@ -518,6 +521,19 @@ def test_old_checkpoints_without_records_still_decode(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   _forget_records(workdir)
   assert runs.restore(workdir).step == 40 and runs.restore(workdir, 20).step == 20
+
+
+def test_a_run_trained_with_cudnn_attention_decodes_without_a_gpu(trained, tmp_path):
+  # How, not what: config.json's seq_attention_impl is not the architecture,
+  # and a backend without cuDNN's attention decodes with the einsums.
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  config = json.load(open(path))
+  config['seq_attention_impl'] = 'cudnn'
+  json.dump(config, open(path, 'w'))
+  out = _run('decode.py', f'--workdir={workdir}', '--mode=translate', stdin=b'three\n')
+  assert out.returncode == 0, out.stderr.decode()[-2000:]
+  assert out.stdout.count(b'\n') == 1
 
 
 def test_decoding_refuses_an_edited_config_json(trained, tmp_path):
