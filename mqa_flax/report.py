@@ -62,15 +62,19 @@ def write_report(paths: Sequence[str], out: str, command: str | None = None) -> 
         fig.savefig(f, format='png', dpi=120,
                     metadata={'Description': made + '\n' + sources})
       figures.append(f'![{fname}]({fname})\n')
+  # Attention over whole sequences that trained the run (config.json's; runs
+  # from before the choice existed used 'xla').
   run_rows = [[f'`{r.path}`', r.variant if r.config else 'benchmark only',
-               (r.config or {}).get('seed', tables.DASH), len(r.metrics),
-               ', '.join(r.bleu) or tables.DASH, len(r.benchmark)] for r in runs]
+               (r.config or {}).get('seed', tables.DASH),
+               r.config.get('seq_attention_impl', 'xla') if r.config else tables.DASH,
+               len(r.metrics), ', '.join(r.bleu) or tables.DASH, len(r.benchmark)]
+              for r in runs]
   report = ('# MQA / GQA report\n\n' + made + '\n\n' +
             (t1 or '## Table 1: quality\n\nNo run with config.json.\n') + '\n' +
             (t2 or '## Table 2: speed\n\nNo benchmark.jsonl rows.\n') +
             '\n## Plots\n\n' + '\n'.join(figures) + '\n## Runs\n\n' +
-            tables.md_table(['path', 'variant', 'seed', 'metric lines', 'bleu.json keys',
-                             'benchmark rows'], run_rows))
+            tables.md_table(['path', 'variant', 'seed', 'trained with attention',
+                             'metric lines', 'bleu.json keys', 'benchmark rows'], run_rows))
   for fname, text in (('table1.md', t1), ('table2.md', t2), ('report.md', report)):
     path = os.path.join(out, fname)
     if text is None:

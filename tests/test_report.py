@@ -33,10 +33,11 @@ def _bleu(b13a, intl, step=200):
           'checkpoint_step': step}
 
 
-def _quality_run(root, name, variant, seed, model, ppl, bleu, params=None):
+def _quality_run(root, name, variant, seed, model, ppl, bleu, params=None, **config):
   path = root / name
   path.mkdir()
-  _write(path, 'config.json', {'variant': variant, 'seed': seed, 'model': model})
+  _write(path, 'config.json', {'variant': variant, 'seed': seed, 'model': model,
+                               **config})
   if params:
     _write(path, 'summary.json', {'params_total': params,
                                   'kv_cache_bytes_per_token': 1024})
@@ -76,7 +77,8 @@ def runs(tmp_path):
   # No eval at the BLEU checkpoint (step 250): falls back to the minimum.
   mqa = _quality_run(
       tmp_path, 'mqa-s0', 'mqa', 0, {**MODEL, 'num_kv_heads': 1},
-      ppl=(1.9, 1.7, 1.65), bleu={'test/beam4': _bleu(39.5, 40.5, step=250)})
+      ppl=(1.9, 1.7, 1.65), bleu={'test/beam4': _bleu(39.5, 40.5, step=250)},
+      seq_attention_impl='cudnn')
   bench = tmp_path / 'bench'
   bench.mkdir()
   _write(bench, 'benchmark.jsonl', _bench_rows())
@@ -147,6 +149,10 @@ def test_report_tables_and_plots(runs, tmp_path):
 
   md = open(os.path.join(out, 'report.md')).read()
   assert t1 in md and t2 in md
+  runs_table = md[md.index('## Runs'):]
+  assert _table_row(runs_table, 'path')[3] == 'trained with attention'
+  # config.json without the choice (runs from before it): 'xla'.
+  assert [_table_row(runs_table, f'`{r}`')[3] for r in runs[:3]] == ['xla', 'xla', 'cudnn']
   for name in FIGURES:
     assert f'![{name}]({name})' in md
     path = os.path.join(out, name)
