@@ -143,8 +143,8 @@ class Kernel:
   (in place; how much of it the kernel writes is not in the HLO).
   `outputs`: (bytes written, updated in place) per result.
   `flops`: the multiply-adds of its dots, times 2 (GEMM fusions, library
-  GEMMs and the Pallas output-GEMM kernels; 0 for everything else, whose
-  arithmetic is small beside its bytes).
+  GEMMs, the Pallas output-GEMM kernels and cuDNN's fused attention; 0 for
+  everything else, whose arithmetic is small beside its bytes).
   """
 
   name: str
@@ -189,8 +189,11 @@ def _dot_flops(ops: dict, op: tuple) -> int:
 
 def _custom_call_flops(ops: dict, typ: str, rest: str, kind: str) -> int:
   """A library GEMM's (its dot dimensions in the backend config; the first
-  result is the product), or a Pallas output-GEMM kernel's (`logits_*`:
-  x [B, D] . table [V, D]ᵀ)."""
+  result is the product), a Pallas output-GEMM kernel's (`logits_*`:
+  x [B, D] . table [V, D]ᵀ), or cuDNN's fused attention's (q [B, T, N, H]
+  and k [B, S, K, H], its first two operand shapes: every score computed,
+  masked or not; forward QKᵀ and PV, 4·B·T·N·S·H; backward QKᵀ again and
+  four more products, 10·B·T·N·S·H)."""
   shapes = [_dims(ops[o][1]) for o in _operands(rest) if o in ops]
   if kind == 'gemm':
     found = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
@@ -201,6 +204,11 @@ def _custom_call_flops(ops: dict, typ: str, rest: str, kind: str) -> int:
   if kind == 'pallas' and re.search(r'name = "logits_', rest) and len(shapes) >= 2:
     (b, d), (v, _) = shapes[0], shapes[1]
     return 2 * b * v * d
+  if kind == 'attention' and 'fmha' in rest:  # Logical shapes, not the layouts'.
+    _, _, constraints = rest.partition('operand_layout_constraints={')
+    q, k = ([_dims(t) for t in re.findall(r'\w+\[[\d,]*\]', constraints)] + [[], []])[:2]
+    if len(q) == 4 and len(k) == 4:
+      return (10 if 'Backward' in rest else 4) * math.prod(q) * k[1]
   return 0
 
 

@@ -204,6 +204,10 @@ def test_cudnn_attends_whole_sequences_in_training_and_the_encoder(k):
     assert train['kernels_by_kind']['attention'] == 2 * attentions
     calls = ' '.join(train['custom_calls'])
     assert 'cudnn$fmha' in calls and 'Backward' in calls
+    # Every score of every attention, forward (2 products) and backward (5).
+    scores = 16 * (length + length % 2)**2 * 8 * 32
+    assert sum(x['flops'] for x in train['kernels'] if x['kind'] == 'attention') == (
+        attentions * 2 * (2 + 5) * scores)
   einsums = report('train', 'xla')
   assert 'attention' not in einsums['kernels_by_kind']
   assert train['kernels_per_step'] < einsums['kernels_per_step']
