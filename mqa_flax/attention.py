@@ -181,14 +181,19 @@ def _cudnn_attention(q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
   q = q_BTNH.reshape(bk, rt, n, h)
   mask = mask_BTS.reshape(bk, 1, rt, s)
   if t > 1 and rt % 2:  # Whole sequences (what may be differentiated) only.
-    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    q, mask = _pad_by_one(q, 1), _pad_by_one(mask, 2)
   if t > 1 and s % 2:
-    k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (k, v))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)))
+    k, v, mask = _pad_by_one(k, 1), _pad_by_one(v, 1), _pad_by_one(mask, 3)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                      implementation='cudnn')
   return out[:, :rt].reshape(b, t, n, h)
+
+
+def _pad_by_one(x: jax.Array, axis: int) -> jax.Array:
+  """x with one more position of zeros (False for a mask) along `axis`."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, 1)
+  return jnp.pad(x, widths)
 
 
 def _pallas_attention(q_B1NH: jax.Array, k: jax.Array, v: jax.Array,

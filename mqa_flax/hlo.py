@@ -205,7 +205,7 @@ def _custom_call_flops(ops: dict, typ: str, rest: str, kind: str) -> int:
     (b, d), (v, _) = shapes[0], shapes[1]
     return 2 * b * v * d
   if kind == 'attention' and 'fmha' in rest:  # Logical shapes, not the layouts'.
-    _, _, constraints = rest.partition('operand_layout_constraints={')
+    constraints = _attr(rest, 'operand_layout_constraints')
     q, k = ([_dims(t) for t in re.findall(r'\w+\[[\d,]*\]', constraints)] + [[], []])[:2]
     if len(q) == 4 and len(k) == 4:
       return (10 if 'Backward' in rest else 4) * math.prod(q) * k[1]
