@@ -22,7 +22,7 @@ from mqa_flax import files
 from mqa_flax import metrics
 from mqa_flax import plots
 from mqa_flax import tables
-from mqa_flax.results import group_runs, load_run
+from mqa_flax.results import RunFiles, group_runs, load_run
 
 
 def write_report(paths: Sequence[str], out: str, command: str | None = None) -> str:
@@ -62,11 +62,9 @@ def write_report(paths: Sequence[str], out: str, command: str | None = None) -> 
         fig.savefig(f, format='png', dpi=120,
                     metadata={'Description': made + '\n' + sources})
       figures.append(f'![{fname}]({fname})\n')
-  # Attention over whole sequences that trained the run (config.json's; runs
-  # from before the choice existed used 'xla').
   run_rows = [[f'`{r.path}`', r.variant if r.config else 'benchmark only',
                (r.config or {}).get('seed', tables.DASH),
-               r.config.get('seq_attention_impl', 'xla') if r.config else tables.DASH,
+               _seq_attention(r) if r.config else tables.DASH,
                len(r.metrics), ', '.join(r.bleu) or tables.DASH, len(r.benchmark)]
               for r in runs]
   report = ('# MQA / GQA report\n\n' + made + '\n\n' +
@@ -82,6 +80,18 @@ def write_report(paths: Sequence[str], out: str, command: str | None = None) -> 
       continue
     files.write_text(path, text)
   return out
+
+
+def _seq_attention(r: RunFiles) -> str:
+  """The attention over whole sequences that trained the run (config.json's;
+  runs from before the choice existed used 'xla'), with the largest median
+  gradient gap from 'xla' that its starts measured (launches.jsonl)."""
+  impl = r.config.get('seq_attention_impl', 'xla')
+  if impl == 'xla':
+    return impl
+  gaps = [x['seq_attention_check']['median_gradient_gap'] for x in r.launches
+          if x.get('seq_attention_check')]
+  return f'{impl}, gradients within {max(gaps):.3f} of xla' if gaps else f'{impl}, unchecked'
 
 
 def _remove_stale(path: str) -> None:

@@ -64,10 +64,14 @@ def make_optimizer(opt: ml_collections.ConfigDict,
   return optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx) if opt.grad_clip else tx
 
 
+def init_params(cfg: ModelConfig, seed: jax.Array) -> nnx.State:
+  """The parameters a run with `seed` starts from (traceable)."""
+  return nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))), nnx.Param)
+
+
 def _init_fn(cfg: ModelConfig, tx: optax.GradientTransformation):
   def init(seed):  # Traced, so that every seed shares one executable.
-    params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))),
-                       nnx.Param)
+    params = init_params(cfg, seed)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   return init
 

@@ -37,6 +37,13 @@ def _forward_sums(graphdef, params, batch, label_smoothing, rngs=None):
                                   'correct': correct.sum()}
 
 
+def _mean_loss(params, graphdef, batch, label_smoothing, dropout_key=None):
+  """What training minimises, the mean per-token loss, and (its sum, sums)."""
+  rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+  loss_sum, aux = _forward_sums(graphdef, params, batch, label_smoothing, rngs)
+  return loss_sum / jnp.maximum(aux['tokens'], 1.0), (loss_sum, aux)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                label_smoothing: float) -> tuple[TrainState, dict]:
@@ -46,13 +53,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   than a constant, so that runs with different seeds share one executable.
   """
   dropout_key = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params):
-    rngs = nnx.Rngs(dropout=dropout_key)
-    loss_sum, aux = _forward_sums(graphdef, params, batch, label_smoothing, rngs)
-    return loss_sum / jnp.maximum(aux['tokens'], 1.0), (loss_sum, aux)
-
-  grads, (loss_sum, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (loss_sum, aux) = jax.grad(_mean_loss, has_aux=True)(
+      state.params, graphdef, batch, label_smoothing, dropout_key)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -67,3 +69,20 @@ def eval_step(params: nnx.State, batch: dict[str, jax.Array], *,
   return dict(aux, loss_sum=loss_sum)
 
 
+def gradient_gap(params: nnx.State, batch: dict[str, jax.Array], *,
+                 graphdef: nnx.GraphDef, reference: nnx.GraphDef,
+                 label_smoothing: float) -> dict:
+  """How far `graphdef`'s mean loss on `batch` and its gradients (no dropout)
+  are from those of `reference`, a graph of the same parameters computed
+  another way: both losses, and each parameter array's relative difference
+  |g - g_ref| / |g_ref| (2-norms over the array)."""
+  def loss_and_grads(g):
+    return jax.value_and_grad(lambda p: _mean_loss(p, g, batch, label_smoothing)[0])(params)
+
+  (loss, grads), (ref_loss, ref_grads) = loss_and_grads(graphdef), loss_and_grads(reference)
+  def relative(g, ref):  # Both zero: no difference.
+    return jnp.linalg.norm(g - ref) / jnp.maximum(jnp.linalg.norm(ref),
+                                                  jnp.finfo(jnp.float32).tiny)
+
+  return dict(loss=loss, reference_loss=ref_loss,
+              relative=jax.tree.map(relative, grads, ref_grads))

@@ -11,6 +11,7 @@ state, resume), then `run`, whose loop calls `at_boundary` at every step that
 logs, evaluates, scores BLEU or saves.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -25,6 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mqa_flax import attention
 from mqa_flax import bleu as bleu_lib
 from mqa_flax import checkpoint as ckpt_lib
 from mqa_flax import costs
@@ -36,6 +38,12 @@ from mqa_flax import state as state_lib
 from mqa_flax import steps
 from mqa_flax.config import ModelConfig, check_ranges
 from mqa_flax.errors import Stopped, UserError
+from mqa_flax.model import abstract_model
+
+# Attention over whole sequences other than XLA's einsums must give, on the
+# first batch, gradients within this relative difference of the einsums'
+# (median over the parameter arrays; see Trainer.check_seq_attention).
+SEQ_ATTENTION_GRADIENT_GAP = 0.2
 
 
 def training_length(config: ml_collections.ConfigDict,
@@ -201,7 +209,7 @@ class Trainer:
     ckpt_lib.check_same_architecture(self.workdir, c.to_dict())
     ModelConfig.from_config(c.model, c.data.vocab_size,
                             seq_attention_impl=c.seq_attention_impl)
-    if c.seq_attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+    if c.seq_attention_impl == 'cudnn' and not attention.for_gpu():
       raise UserError(f"seq_attention_impl='cudnn' needs a CUDA GPU; this backend is "
                       f"{jax.default_backend()!r}: use --config.seq_attention_impl=xla")
     longest = max(c.data.max_len, c.data.max_eval_len)
@@ -224,11 +232,11 @@ class Trainer:
         self.ckpt.check_record(step)
       except ckpt_lib.CheckpointDamaged:
         pass  # Set aside when restoring.
-    train = data.tokenize_split(c.data, c.data.train_split, self.tokenizer, self.workdir)
+    self.train = data.tokenize_split(c.data, c.data.train_split, self.tokenizer,
+                                     self.workdir)
     self.dev = data.tokenize_split(c.data, c.data.dev_split, self.tokenizer, self.workdir)
     self.dev_text = data.read_split(c.data, c.data.dev_split) if c.bleu_every else None
-    self.batches = data.PackedBatches(train, c.data.batch_size, c.data.max_len, c.seed,
-                                      jax.process_index(), jax.process_count())
+    self.batches = self.first_batches()
     per_epoch = self.batches.steps_per_epoch()
     if jax.process_count() > 1:  # Shares pack differently; all must run as many steps.
       per_epoch = int(np.max(multihost_utils.process_allgather(np.int32(per_epoch))))
@@ -237,6 +245,12 @@ class Trainer:
       c.num_train_steps, c.opt.warmup_steps = self.total, warmup
     logging.info('training %d steps (%.2f epochs of %d steps), warmup %d',
                  self.total, self.total / per_epoch, per_epoch, warmup)
+
+  def first_batches(self) -> data.PackedBatches:
+    """This process's share of the training batches, from the first."""
+    c = self.config
+    return data.PackedBatches(self.train, c.data.batch_size, c.data.max_len, c.seed,
+                              jax.process_index(), jax.process_count())
 
   def write_run_files(self) -> None:
     """config.json (the resolved config) and summary.json (sizes and costs)."""
@@ -285,6 +299,48 @@ class Trainer:
     self.build_state()
     self.write_run_files()  # Once the checkpoints are known to match.
     self.compile_steps()
+    self.seq_check = self.check_seq_attention()
+
+  def check_seq_attention(self) -> dict | None:
+    """With attention over whole sequences other than XLA's einsums: the loss
+    and gradients of the first training batch (no dropout), computed both
+    ways from the parameters the run started from (a trained model's smaller
+    gradients would blur the comparison). Refuses to train where the
+    gradients differ by more than `SEQ_ATTENTION_GRADIENT_GAP` (median over
+    the parameter arrays); returns what it measured (launches.jsonl keeps it)."""
+    impl = self.cfg.seq_attention_impl
+    if impl == 'xla':
+      return None
+    reference = abstract_model(dataclasses.replace(self.cfg, seq_attention_impl='xla'))[0]
+
+    def gap(seed, batch):
+      return steps.gradient_gap(
+          state_lib.init_params(self.cfg, seed), batch, graphdef=self.graphdef,
+          reference=reference, label_smoothing=self.config.opt.label_smoothing)
+
+    batch = self.global_batch(next(self.first_batches()))
+    out = jax.device_get(jax.jit(gap)(jnp.asarray(self.config.seed, jnp.int32), batch))
+    relative = {jax.tree_util.keystr(k): float(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(out['relative'])}
+    worst = max(relative, key=relative.get)
+    check = dict(impl=impl, loss=float(out['loss']), xla_loss=float(out['reference_loss']),
+                 median_gradient_gap=float(np.median(list(relative.values()))),
+                 largest_gradient_gap=relative[worst], largest_at=worst)
+    logging.info('seq_attention_impl=%s against xla on the first batch: %s', impl, check)
+    if not check['median_gradient_gap'] <= SEQ_ATTENTION_GRADIENT_GAP:  # NaN fails too.
+      raise UserError(
+          f"seq_attention_impl={impl!r} and 'xla' disagree on the first batch: the "
+          f"median gradient differs by {check['median_gradient_gap']:.3g} (limit "
+          f'{SEQ_ATTENTION_GRADIENT_GAP}; largest {relative[worst]:.3g} at {worst}), '
+          f"loss {check['loss']:.5g} against {check['xla_loss']:.5g}: train with "
+          '--config.seq_attention_impl=xla')
+    return check
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A batch of this process's rows as one array sharded over the mesh."""
+    sharding = NamedSharding(self.mesh, P('data'))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
   def run(self) -> state_lib.TrainState:
     """Trains to the last step or a signal; returns the final state."""
@@ -294,23 +350,20 @@ class Trainer:
     if self.primary:  # One line per start or resume: what trained these steps.
       metrics_lib.jsonl_appender(os.path.join(self.workdir, metrics_lib.LAUNCHES_FILE))(dict(
           metrics_lib.provenance(), start_step=step, devices=jax.device_count(),
-          processes=jax.process_count()))
+          processes=jax.process_count(), seq_attention_check=self.seq_check))
     if step == 0:
       self.writer.write_hparams(c.to_dict())
     self.schedule = state_lib.make_schedule(c.opt, self.total)
     self.progress = metrics_lib.ReportProgress(self.total)
     self.batches = data.Prefetch(self.batches, c.data.prefetch)
     self.sums, self.last_wait = {}, 0.0
-    sharding = NamedSharding(self.mesh, P('data'))
     dropout_rng = jax.random.key(c.seed)
     pending = None  # The last step's metrics, fetched after the next dispatch.
     try:
       with _StopSignal() as stop:
         self.progress.start(step)
         while step < self.total and stop.signum is None:
-          batch = jax.tree.map(
-              lambda x: jax.make_array_from_process_local_data(sharding, x),
-              next(self.batches))
+          batch = self.global_batch(next(self.batches))
           self.state, m = self.train_step(self.state, batch, dropout_rng)
           step += 1
           if pending is not None:

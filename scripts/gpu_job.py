@@ -683,9 +683,11 @@ class Job:
   def smoke(self) -> bool:
     """env.txt (versions, devices, nvidia-smi, commit) and a 20-step tiny
     training, with cuDNN's attention over whole sequences (head_dim 8, as
-    cuDNN needs); where that fails, with XLA's. Table 1 then trains with the
+    cuDNN needs); where that fails, with XLA's. Training with cuDNN first
+    compares its gradients with XLA's and stops where they differ
+    (`train_lib.Trainer.check_seq_attention`). Table 1 then trains with the
     one that ran (`seq_attention_impl` in machine.json and each run's
-    config.json)."""
+    config.json; each run checks again at its own shape)."""
     t0 = time.time()
     env_txt = os.path.join(self.out, 'env.txt')
     code = ('import sys, jax, flax, optax, orbax.checkpoint as o; print("python", '

@@ -32,3 +32,22 @@ def make_examples(src: list[list[int]], tgt: list[list[int]]):
   assert len(src) == len(tgt)
   return data.Examples(*flat(src), *flat(tgt))
 
+
+
+def cudnn_on_cpu(monkeypatch, masks: bool = True) -> list:
+  """Lets attention impl 'cudnn' run on the CPU: its `jax.nn.dot_product_attention`
+  call, with the same arguments, runs jax's XLA version of it (without its
+  mask where `masks` is False: a broken kernel). Returns the shapes of the
+  queries and keys it is given."""
+  from mqa_flax import attention  # pylint: disable=g-import-not-at-top
+  real, shapes = jax.nn.dot_product_attention, []
+
+  def xla_instead(query, key, *args, implementation=None, mask=None, **kwargs):
+    assert implementation == 'cudnn'
+    shapes.append((query.shape, key.shape))
+    return real(query, key, *args, mask=mask if masks else None, implementation='xla',
+                **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_instead)
+  monkeypatch.setattr(attention, 'for_gpu', lambda: True)
+  return shapes

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import cudnn_on_cpu
 from mqa_flax import attention
 
 B, T, S, N, H = 2, 3, 5, 4, 8
@@ -118,22 +119,6 @@ def test_pallas_impl_at_one_query_position_equals_xla():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _cudnn_call_on_cpu(monkeypatch):
-  """Lets impl 'cudnn' run on the CPU: its `jax.nn.dot_product_attention`
-  call, with the same arguments, runs jax's XLA version of it. Returns the
-  shapes of the queries and keys it is given."""
-  real, shapes = jax.nn.dot_product_attention, []
-
-  def xla_instead(query, key, *args, implementation=None, **kwargs):
-    assert implementation == 'cudnn'
-    shapes.append((query.shape, key.shape))
-    return real(query, key, *args, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_instead)
-  monkeypatch.setattr(attention, 'for_gpu', lambda: True)
-  return shapes
-
-
 @pytest.mark.parametrize('k,r,t', [(1, 1, T), (2, 1, T), (N, 1, T), (2, 2, 1)])
 def test_cudnn_call_equals_xla_values_and_gradients(monkeypatch, k, r, t):
   # T = 3 and S = 5 are odd: for whole sequences the call pads both by one
@@ -141,7 +126,7 @@ def test_cudnn_call_equals_xla_values_and_gradients(monkeypatch, k, r, t):
   # change nothing. (2, 2, 1): one query position, R = 2 rows per kv row
   # sharing its mask (beam search's cross-attention). Rows with no key to
   # attend to (padding) are left out: they average over what the call reads.
-  shapes = _cudnn_call_on_cpu(monkeypatch)
+  shapes = cudnn_on_cpu(monkeypatch)
   q, kk, v, mask = _inputs(k, b=2 * r, t=t, bk=2, seed=11)
   if r > 1:
     mask = np.repeat(mask[::r], r, axis=0)

@@ -15,11 +15,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import demo
+from conftest import cudnn_on_cpu
 from mqa_flax import state as state_lib
 from mqa_flax import steps
 from mqa_flax import train_lib
 from mqa_flax.checkpoint import Checkpointer
 from mqa_flax.config import ModelConfig, set_values
+from mqa_flax.errors import UserError
 from mqa_flax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,3 +229,31 @@ def test_epochs_set_the_steps_and_best_dev_parameters_are_decoded(tmp_path):
   if best_step != steps:  # Different parameters, as restored.
     assert not all(jax.tree.leaves(jax.tree.map(
         lambda a, b: bool((a == b).all()), run.params, latest.params)))
+
+
+@pytest.mark.parametrize('masks', [True, False], ids=['kernel', 'kernel_without_masks'])
+def test_cudnn_training_first_checks_its_gradients_against_xla(monkeypatch, tmp_path,
+                                                             masks):
+  # cuDNN's attention is jax's XLA version of the same call here: with the
+  # packed batches' masks it trains, and launches.jsonl keeps the check; a
+  # kernel that drops them is refused before the first step.
+  cudnn_on_cpu(monkeypatch, masks=masks)
+
+  def train(steps):
+    train_lib.train_and_evaluate(tiny_config(
+        num_train_steps=steps, seq_attention_impl='cudnn', checkpoint_every=2,
+        **{'model.dtype': 'bfloat16', 'model.head_dim': 8}), str(tmp_path))
+
+  if not masks:
+    with pytest.raises(UserError, match=r"^seq_attention_impl='cudnn' and 'xla' "
+                       r'disagree .* train with --config.seq_attention_impl=xla$'):
+      train(2)
+    assert Checkpointer(str(tmp_path), 3).latest_step() is None
+    return
+  train(2)
+  train(4)  # Resumed: checked again, from the parameters the run started from.
+  first, resumed = [r['seq_attention_check'] for r in read_jsonl(tmp_path / 'launches.jsonl')]
+  assert first == resumed
+  assert first['impl'] == 'cudnn'
+  assert 0 <= first['median_gradient_gap'] <= first['largest_gradient_gap'] < 0.2
+  assert first['loss'] == pytest.approx(first['xla_loss'], rel=1e-3)
