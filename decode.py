@@ -94,6 +94,11 @@ _B_SEQ_IMPLS = flags.DEFINE_list(
     'bench_seq_impls', [], 'benchmark: attention over whole sequences of the '
     'encoder and training rows to compare in this one process, each xla or '
     'cudnn (config.seq_attention_impl), one row each; default: the config value.')
+_B_GEMM_IMPLS = flags.DEFINE_list(
+    'bench_gemm_impls', [], "benchmark: how the decoder rows' programs do their "
+    "GEMMs, each 'xla' (XLA's choice: Triton fusions, autotuned against cuBLAS) or "
+    "'cublas' (every GEMM a cuBLAS call, XLA's epilogues inside it), one row each; "
+    "default: xla.")
 _B_PROFILE = flags.DEFINE_bool(
     'bench_profile', False, 'benchmark: run each padded decoder row once more '
     'under the profiler; its row then carries `profile`, the measured time of '
@@ -124,6 +129,9 @@ flags.register_validator(
 flags.register_validator(
     'bench_seq_impls', lambda v: set(v) <= {'xla', 'cudnn'},
     '--bench_seq_impls takes xla and/or cudnn')
+flags.register_validator(
+    'bench_gemm_impls', lambda v: set(v) <= {'xla', 'cublas'},
+    '--bench_gemm_impls takes xla and/or cublas')
 flags.register_validator('alpha', lambda a: a is None or math.isfinite(a),
                          '--alpha must be a finite number >= 0')
 
@@ -229,7 +237,7 @@ def benchmark_mode() -> str:
       src_len=_B_SRC.value, tgt_len=_B_TGT.value, beam_batch=_B_BEAM_BATCH.value,
       train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
       cache_modes=_B_CACHE_MODES.value, beam_caches=_B_BEAM_CACHES.value or None,
-      seq_impls=_B_SEQ_IMPLS.value or None,
+      seq_impls=_B_SEQ_IMPLS.value or None, gemm_impls=_B_GEMM_IMPLS.value or None,
       impls=benchmark.parse_impls(_B_IMPLS.value) or None,
       profile=_B_PROFILE.value, emit=emit)
   table = report.write_benchmark(rows, out)

@@ -85,6 +85,10 @@ _PROGRAM_COUNTS = ('kernels_per_step', 'kernels_by_kind', 'bytes_moved_per_step'
                    'bytes_over_floor', 'cache_copies_per_step',
                    'cache_copies_per_call')
 CACHE_MODES = ('padded', 'growing')
+# How a decoder row's program does its GEMMs: 'xla', XLA's own choice (Triton
+# GEMM fusions, autotuned on the GPU against cuBLAS); 'cublas', every GEMM a
+# cuBLAS call, with XLA's bias, activation and residual-add epilogues in it.
+GEMM_IMPLS = ('xla', 'cublas')
 _NO_EOS = -1  # Matches no token, so every row decodes all tgt_len steps.
 # The train rows' optimizer unless `run` is given one.
 ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
@@ -93,18 +97,26 @@ ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
 _analyze = functools.lru_cache(costs.analyze)
 
 
+def gemm_options(gemm_impl: str) -> dict[str, Any] | None:
+  """XLA compiler options of a program whose GEMMs are `gemm_impl`'s."""
+  if gemm_impl not in GEMM_IMPLS:
+    raise ValueError(f'gemm_impl={gemm_impl!r}; expected one of {GEMM_IMPLS}')
+  return {'xla_gpu_enable_triton_gemm': False} if gemm_impl == 'cublas' else None
+
+
 def _timed(fn: Callable, make_args: Callable[[Any], tuple], *, reps: int,
-           warmup: int, donate: tuple[int, ...] = ()
+           warmup: int, donate: tuple[int, ...] = (),
+           compiler_options: dict[str, Any] | None = None
            ) -> tuple[Any, float, float, Any]:
   """(compiled, compile seconds, median seconds per call, the last call's
-  output) of jit(fn).
+  output) of jit(fn), compiled with `compiler_options`.
 
   `make_args(previous_output)` gives each call's arguments (fresh ones where
   they are donated), built before the clock starts.
   """
   args = make_args(None)
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile(compiler_options)
   compile_s = time.perf_counter() - start
   out, times = None, []
   for i in range(warmup + reps):
@@ -218,8 +230,8 @@ def decode_fn(graphdef: nnx.GraphDef, batch: int, beams: int, tgt_len: int,
 
 def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
                   b: int, beams: int, mode: str, s: int, t: int, chunk: int,
-                  seed: int, dev: dict, timing: dict, profile: bool = False
-                  ) -> tuple[dict, np.ndarray]:
+                  seed: int, dev: dict, timing: dict, profile: bool = False,
+                  gemm_impl: str = 'xla') -> tuple[dict, np.ndarray]:
   """A decoder row and the tokens its last timed call decoded."""
   inputs = _random_ids(seed, (b, s), cfg.vocab_size)
   make_cache = jax.jit(functools.partial(encode_cache, graphdef, max_len=t,
@@ -230,7 +242,8 @@ def _time_decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
   stats = _analyze(cfg, b, s, t, beams)
   fn = decode_fn(graphdef, b, beams, t, chunk if mode == 'growing' else None)
   args = lambda _: (params, make_cache(params, inputs))
-  compiled, compile_s, sec, out = _timed(fn, args, donate=DECODE_DONATE, **timing)
+  compiled, compile_s, sec, out = _timed(fn, args, donate=DECODE_DONATE,
+                                         compiler_options=gemm_options(gemm_impl), **timing)
   tokens = np.asarray(out[0])
   del out  # The cache.
   text = compiled.as_text()
@@ -331,7 +344,8 @@ def run(variants: dict[str, ModelConfig], *,
         warmup: int = 1, kinds: Sequence[str] = KINDS, chunk: int = 16,
         seed: int = 0, impls: Sequence[tuple[str, str, str]] | None = None,
         beam_caches: Sequence[str] | None = None,
-        seq_impls: Sequence[str] | None = None, profile: bool = False,
+        seq_impls: Sequence[str] | None = None,
+        gemm_impls: Sequence[str] | None = None, profile: bool = False,
         emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
@@ -356,6 +370,8 @@ def run(variants: dict[str, ModelConfig], *,
       variant's own).
     beam_caches: `ModelConfig.beam_cache` values; each beam row is timed for
       each, in this order, with field `beam_cache` (default: the variant's own).
+    gemm_impls: GEMM_IMPLS values; each decoder row is timed for each, in this
+      order, with field `gemm_impl` (default: 'xla').
     profile: each padded decoder row also runs once under the profiler and
       carries `profile`, its loop's measured kernel times beside their bytes
       (`kernel_times.per_step`; `{'error': ...}` where profiling failed).
@@ -399,7 +415,7 @@ def run(variants: dict[str, ModelConfig], *,
       return abstract_model(cfg)[0]
 
     def measure(kind, cache, batch, impl, layout, argmax, fn, beam_cache=None,
-                seq_impl=None):
+                seq_impl=None, gemm=None):
       try:
         row = fn()
       except Exception as err:  # pylint: disable=broad-except
@@ -408,6 +424,8 @@ def run(variants: dict[str, ModelConfig], *,
                  argmax_impl=argmax, beam_cache=beam_cache, **row)
       if seq_impl:
         row['seq_attention_impl'] = seq_impl
+      if gemm:
+        row['gemm_impl'] = gemm
       rows.append(row)
       if emit:
         emit(row)
@@ -415,13 +433,14 @@ def run(variants: dict[str, ModelConfig], *,
 
     first_tokens = {}  # (batch, beams) -> (the first row's label, its tokens).
 
-    def decoder_row(b, beams, mode, impl, layout, argmax, beam_cache):
+    def decoder_row(b, beams, mode, impl, layout, argmax, beam_cache, gemm):
       cfg = dataclasses.replace(base_cfg, attention_impl=impl, cache_layout=layout,
                                 argmax_impl=argmax, beam_cache=beam_cache)
       row, tokens = _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
-                                  tgt_len, chunk, seed, d, timing, profile)
+                                  tgt_len, chunk, seed, d, timing, profile, gemm)
       label = tables.impl_label(dict(attention_impl=impl, cache_layout=layout,
-                                     argmax_impl=argmax, beam_cache=beam_cache))
+                                     argmax_impl=argmax, beam_cache=beam_cache,
+                                     gemm_impl=gemm))
       ref_label, ref = first_tokens.setdefault((b, beams), (f'{label} {mode}', tokens))
       if ref is not tokens:
         row.update(tokens_reference=ref_label,
@@ -447,9 +466,11 @@ def run(variants: dict[str, ModelConfig], *,
     for impl, layout, argmax in triples:
       for b, beams, mode in decoders:
         for beam_cache in caches if beams > 1 else [base_cfg.beam_cache]:
-          measure(decoding.search_name(beams), mode, b, impl, layout, argmax,
-                  functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
-                                    beam_cache), beam_cache if beams > 1 else None)
+          for gemm in gemm_impls or ['xla']:
+            measure(decoding.search_name(beams), mode, b, impl, layout, argmax,
+                    functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
+                                      beam_cache, gemm),
+                    beam_cache if beams > 1 else None, gemm=gemm)
     for seq in seqs if 'train' in kinds else []:
       measure('train', None, train_batch, 'xla', base_cfg.cache_layout, None,
               functools.partial(train_row, seq), seq_impl=seq)

@@ -91,6 +91,7 @@ class Program:
   beam_size: int = 4  # Beam programs only.
   cache: str = 'padded'  # Decode loops: 'padded' or 'growing'.
   chunk: int = 16  # Steps per loop of the growing cache.
+  gemm: str = 'xla'  # How the program does its GEMMs: benchmark.GEMM_IMPLS.
 
   def __post_init__(self):
     if self.program not in PROGRAMS:
@@ -98,6 +99,7 @@ class Program:
     if self.cache not in benchmark.CACHE_MODES:
       raise ValueError(f'cache={self.cache!r}; expected one of '
                        f'{benchmark.CACHE_MODES}')
+    benchmark.gemm_options(self.gemm)  # Refuses an unknown one.
     for name in ('batch', 'src_len', 'tgt_len', 'beam_size', 'chunk'):
       if getattr(self, name) <= 0:
         raise ValueError(f'{name}={getattr(self, name)} must be positive')
@@ -161,8 +163,9 @@ def compile_text(cfg: ModelConfig, p: Program, target: str,
   bytes; with `dump_dir`, XLA also writes there the PTX of every kernel it
   generates."""
   lowered, leaf = lower(cfg, p, target_sharding(target))
-  options = {'xla_dump_to': dump_dir} if dump_dir else None
-  return lowered.compile(compiler_options=options).as_text(), leaf
+  options = dict(benchmark.gemm_options(p.gemm) or {},
+                 **({'xla_dump_to': dump_dir} if dump_dir else {}))
+  return lowered.compile(compiler_options=options or None).as_text(), leaf
 
 
 def _ptxas() -> str:
@@ -323,7 +326,8 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
           f"{r['cache_layout']} attention {r['attention_impl']}"
           + (f" argmax {r['argmax_impl']}" if r['argmax_impl'] else '') if decoding
           else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']} "
-          f"attention {r['seq_attention_impl']}"),
+          f"attention {r['seq_attention_impl']}")
+      + (f" gemm {r['gemm']}" if r.get('gemm', 'xla') != 'xla' else ''),
       f"loops {r['loops']}; one step (loop body + condition"
       + (f" / {r['steps_per_loop']} steps it runs" if r['steps_per_loop'] > 1 else '')
       + ", or the whole program without a loop):",
@@ -391,6 +395,8 @@ def define_flags() -> None:
                     '(default: the config\'s).')
   flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
                     'Cache layout (default: the config\'s).')
+  flags.DEFINE_enum('gemm', 'xla', list(benchmark.GEMM_IMPLS),
+                    "GEMMs: XLA's choice (Triton fusions) or all cuBLAS calls.")
   flags.DEFINE_integer('batch', None, 'Sentences (default 1024, beam 256, train 128).')
   flags.DEFINE_integer('src_len', 128, 'Source length.')
   flags.DEFINE_integer('tgt_len', 128, 'Target length (train: 256 unless given).')
@@ -425,7 +431,7 @@ def main(argv):
   batch = _DEFAULT_BATCH[program] if f.batch is None else f.batch
   try:  # A bad shape, or an implementation the layout does not allow.
     p = Program(program, batch=batch, src_len=f.src_len, tgt_len=tgt_len,
-                beam_size=f.beam_size, cache=f.cache, chunk=f.chunk)
+                beam_size=f.beam_size, cache=f.cache, chunk=f.chunk, gemm=f.gemm)
     report = program_report(cfg, p, f.target, f.registers)
   except ValueError as e:
     raise errors.UserError(str(e)) from e

@@ -326,9 +326,11 @@ def _kernel(comps: dict, ops: dict, name: str, op: tuple) -> Kernel:
   flops = _custom_call_flops(ops, typ, rest, kind) if target else 0
   # A custom call's result aliased to an operand is updated in place (the
   # Pallas attention writing a cache row): the HLO does not say how much of
-  # it the kernel writes, and it counts nothing written.
+  # it the kernel writes, and it counts nothing written. A library GEMM's is
+  # the addend it accumulates into (beta = 1): it writes all of it.
   aliased = _aliased_results(rest)
-  outputs = tuple((0 if i in aliased else b, i in aliased) for i, b in enumerate(outs))
+  outputs = tuple((0 if i in aliased and kind != 'gemm' else b, i in aliased)
+                  for i, b in enumerate(outs))
   return Kernel(name, kind, sum(sizes), sum(b for b, _ in outputs), outputs,
                 target, flops)
 

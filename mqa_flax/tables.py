@@ -162,11 +162,13 @@ def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
 def impl_label(r: dict[str, Any]) -> str:
   """'attention_impl/cache_layout' of a benchmark row (old rows: xla/BLKH),
   then '/argmax_impl' where greedy's argmax or beam's top-k is not XLA's,
-  and '/pointers' for beam rows whose K/V stay put (beam_cache 'pointers')."""
+  '/pointers' for beam rows whose K/V stay put (beam_cache 'pointers') and
+  '/cublas' for programs whose GEMMs are all cuBLAS's (gemm_impl)."""
   label = f"{r.get('attention_impl') or 'xla'}/{r.get('cache_layout') or 'BLKH'}"
   argmax = r.get('argmax_impl')
   label = label if argmax in (None, 'xla') else f'{label}/{argmax}'
-  return label + ('/pointers' if r.get('beam_cache') == 'pointers' else '')
+  label += '/pointers' if r.get('beam_cache') == 'pointers' else ''
+  return label + ('/cublas' if r.get('gemm_impl') == 'cublas' else '')
 
 
 def peer_ratios(bench: Sequence[dict[str, Any]]) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import cudnn_on_cpu
 from mqa_flax import benchmark
 from mqa_flax import decoding
 from mqa_flax import hlo
@@ -231,14 +232,34 @@ def test_beam_rows_for_each_beam_cache_and_tables_keep_them_apart(tmp_path):
   assert 'mqa (xla/BLKH/pointers)' in text and 'mqa (xla/BLKH)' in text
 
 
+def test_decoder_rows_for_each_gemm_impl(monkeypatch, tmp_path):
+  # 'cublas' compiles the decoder's program with XLA's Triton GEMM fusions
+  # off (on the CPU that changes nothing: the tokens are the same).
+  options, compile_ = [], jax.stages.Lowered.compile
+
+  def compile_recording(self, compiler_options=None):
+    options.append(compiler_options)
+    return compile_(self, compiler_options)
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_recording)
+  rows = benchmark.run({'mqa': tiny(1)}, batch=2, src_len=S, tgt_len=T,
+                       kinds=('greedy', 'beam4'), cache_modes=('padded',), reps=1,
+                       beam_batch=2, gemm_impls=('xla', 'cublas'))
+  assert [(r['kind'], r['gemm_impl']) for r in rows] == [
+      ('greedy', 'xla'), ('greedy', 'cublas'), ('beam4', 'xla'), ('beam4', 'cublas')]
+  assert options.count({'xla_gpu_enable_triton_gemm': False}) == 2
+  for r in rows[1::2]:
+    assert (r['tokens_reference'], r['tokens_same_fraction']) == ('xla/BLKH padded', 1.0)
+  text = report.write_benchmark(rows, str(tmp_path))
+  assert 'mqa (xla/BLKH/cublas)' in text and 'mqa (xla/BLKH)' in text
+  with pytest.raises(ValueError, match="gemm_impl='triton'"):
+    benchmark.gemm_options('triton')
+
+
 def test_encoder_and_train_rows_for_each_seq_impl(monkeypatch, tmp_path):
   # cuDNN's attention runs here as jax's XLA version of the same call; a
   # float32 model cannot take it and gets error rows, the others go on.
-  from mqa_flax import attention  # pylint: disable=g-import-not-at-top
-  real = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda *a, implementation, **k:
-                      real(*a, implementation='xla', **k))
-  monkeypatch.setattr(attention, 'for_gpu', lambda: True)
+  cudnn_on_cpu(monkeypatch)
   variants = {'mqa': dataclasses.replace(tiny(1), dtype='bfloat16'), 'mha': tiny(4)}
   rows = benchmark.run(variants, batch=2, src_len=S, tgt_len=T, reps=1,
                        kinds=('encoder', 'train'), train_batch=TRAIN_B,

@@ -91,7 +91,7 @@ def test_benchmark_mode_over_variants(tmp_path):
                 '--config.model.dtype=float32', '--variants=mha,mqa',
                 f'--out={tmp_path}', '--bench_batch=2,1', '--bench_src_len=8',
                 '--bench_tgt_len=8', '--bench_reps=1', '--bench_kinds=encoder,greedy',
-                '--bench_impls=xla/BKLH,cudnn')
+                '--bench_impls=xla/BKLH,cudnn', '--bench_gemm_impls=cublas')
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / 'benchmark.jsonl')]
   assert {(r['variant'], r['kind'], r['batch']) for r in rows} == {
@@ -99,8 +99,8 @@ def test_benchmark_mode_over_variants(tmp_path):
   assert all(r['dtype'] == 'float32' and r['device'] == 'cpu' and r['date']
              and '--mode=benchmark' in r['command'] for r in rows)
   greedy = [r for r in rows if r['kind'] == 'greedy']
-  assert {(r['attention_impl'], r['cache_layout']) for r in greedy} == {
-      ('xla', 'BKLH'), ('cudnn', 'BLKH')}
+  assert {(r['attention_impl'], r['cache_layout'], r['gemm_impl']) for r in greedy} == {
+      ('xla', 'BKLH', 'cublas'), ('cudnn', 'BLKH', 'cublas')}
   # cuDNN is not on CPU: its rows are errors, and the run went on without them.
   assert all(('error' in r) == (r['attention_impl'] == 'cudnn') for r in greedy)
   # paper.py's tiny MQA keeps one K/V head of eight: an eighth of the K/V

@@ -250,14 +250,14 @@ def test_registers_of_every_generated_kernel():
 
 @functools.cache
 def _paper(variant: str, argmax: str = 'xla', impl: str = 'xla_reduce',
-           program: str = 'greedy', beam_cache: str = 'reorder') -> dict:
+           program: str = 'greedy', beam_cache: str = 'reorder', gemm: str = 'xla') -> dict:
   c = config_lib.load_config(os.path.join(ROOT, 'configs/paper.py'), variant)
   cfg = ModelConfig.from_config(c.model, c.data.vocab_size, c.decode)
   cfg = dataclasses.replace(cfg, attention_impl=impl, cache_layout='BKLH',
                             argmax_impl=argmax, beam_cache=beam_cache)
-  p = gpu_program.Program(program, batch=1024 if program == 'greedy' else 256)
-  return gpu_program.program_report(cfg, p, 'h200',
-                                    registers=program == 'greedy' or argmax == 'pallas')
+  p = gpu_program.Program(program, batch=1024 if program == 'greedy' else 256, gemm=gemm)
+  registers = (program == 'greedy' or argmax == 'pallas') and gemm == 'xla'
+  return gpu_program.program_report(cfg, p, 'h200', registers=registers)
 
 
 # gqa2's fused attention (G = 4 query heads per K/V head) needs more than 255
@@ -435,3 +435,38 @@ def test_cost_model_predicts_a_measured_h100_row(tmp_path):
   predicted = fit.predict(loops, model['bandwidth_share'], model['kernel_overhead_s'],
                           model['matmul_flops'])
   assert 0.82 <= predicted / fit.step_seconds(row) <= 1.1
+
+
+@pytest.mark.parametrize('program', ['greedy', 'beam'])
+def test_cublas_gemms_add_the_residual_themselves(program):
+  # With XLA's Triton GEMM fusions off, every GEMM of a decode step is a
+  # cuBLAS call, and the self- and cross-attention's output projections and
+  # the feed-forward output add the residual themselves (beta = 1, in place,
+  # the whole result counted written): with the Pallas attention, fewer
+  # kernels and bytes a step. (With the einsums' attention its products
+  # become cuBLAS calls too, unfused: docs/perf.md, change 14.)
+  cfg = ModelConfig(vocab_size=64, num_encoder_layers=1, num_decoder_layers=LAYERS,
+                    d_model=64, d_ff=128, num_heads=8, num_kv_heads=1, head_dim=32,
+                    max_len=64, dtype='bfloat16', cache_layout='BKLH',
+                    attention_impl='pallas', beam_cache='pointers')
+  xla, cublas = (gpu_program.program_report(cfg, gpu_program.Program(
+      program, batch=16, src_len=16, tgt_len=32, beam_size=4, gemm=gemm), 'h200')
+                 for gemm in ('xla', 'cublas'))
+  gemms = [k for k in cublas['kernels'] if k['kind'] == 'gemm']
+  assert gemms and all(k['target'].startswith('__cublas') for k in gemms)
+  adding = [k for k in gemms if k['outputs'][0][1]]
+  assert len(adding) == 3 * LAYERS * cublas['steps_per_loop']
+  assert all(k['written'] == k['outputs'][0][0] > 0 for k in adding)
+  assert cublas['kernels_per_step'] <= xla['kernels_per_step']
+  assert cublas['bytes_moved_per_step'] < xla['bytes_moved_per_step']
+  assert 'gemm cublas' in gpu_program.format_report(cublas)
+
+
+def test_paper_shape_greedy_step_with_cublas_gemms():
+  # configs/paper.py:mqa, pallas/BKLH/pallas: 83 -> 78 kernels and 1.55 ->
+  # 1.43 x the memory floor (docs/perf.md, change 14).
+  xla, cublas = _paper('mqa', 'pallas', 'pallas'), _paper('mqa', 'pallas', 'pallas',
+                                                        gemm='cublas')
+  assert cublas['kernels_per_step'] <= xla['kernels_per_step'] - 5
+  assert cublas['bytes_over_floor'] < min(1.45, xla['bytes_over_floor'] - 0.1)
+  assert cublas['cache_copies_per_step'] == 0

@@ -168,23 +168,30 @@ def test_a_custom_calls_result_aliased_to_an_operand_is_written_in_place():
   # The Pallas attention writing its position's K/V into two cache leaves:
   # results 1 and 2 alias operands 1 and 2 (updated in place, nothing
   # counted written; the HLO does not say how much), result 0 is written.
+  # A cuBLAS GEMM adding its product to its third operand (beta = 1, the
+  # residual) in place writes all of it.
   text = """HloModule m
-%body (s: (bf16[16,8,32], bf16[16,1,32,32], bf16[16,1,32,32])) -> (bf16[16,8,32]) {
+%body (s: (bf16[16,8,32], bf16[16,1,32,32], bf16[16,1,32,32], bf16[16,256])) -> (bf16[16,8,32]) {
   %s = (bf16[16,8,32]{2,1,0}) parameter(0)
   %q = bf16[16,8,32]{2,1,0} get-tuple-element(%s), index=0
   %k = bf16[16,1,32,32]{3,2,1,0} get-tuple-element(%s), index=1
   %v = bf16[16,1,32,32]{3,2,1,0} get-tuple-element(%s), index=2
+  %x = bf16[16,256]{1,0} get-tuple-element(%s), index=3
   %pallas_call.1 = (bf16[16,8,32]{2,1,0}, bf16[16,1,32,32]{3,2,1,0}, bf16[16,1,32,32]{3,2,1,0}) custom-call(%q, %k, %v), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[16,8,32]{2,1,0}, bf16[16,1,32,32]{3,2,1,0}, bf16[16,1,32,32]{3,2,1,0}}, output_to_operand_aliasing={{1}: (1, {}), {2}: (2, {})}, api_version=API_VERSION_TYPED_FFI
+  %bitcast.1 = bf16[16,256]{1,0} bitcast(%pallas_call.1)
+  %cublas-lt-matmul.1 = (bf16[16,256]{1,0}, s8[1024]{0}) custom-call(%bitcast.1, %k, %x), custom_call_target="__cublas$lt$matmul", output_to_operand_aliasing={{0}: (2, {})}, backend_config={"gemm_backend_config":{"beta":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
   ROOT %r = (bf16[16,8,32]{2,1,0}) tuple(%pallas_call.1)
 }
 ENTRY %main (a: (bf16[16,8,32])) -> (bf16[16,8,32]) {
   %w = (bf16[16,8,32]{2,1,0}) while(%a), condition=%cond, body=%body
 }
 """
-  [[call]] = hlo.loop_kernels(text)
+  [[call, gemm]] = hlo.loop_kernels(text)
   out, leaf = 16 * 8 * 32 * 2, 16 * 32 * 32 * 2
   assert call.outputs == ((out, False), (0, True), (0, True))
   assert (call.read, call.written) == (out + 2 * leaf, out)
   assert not call.copies(leaf)
+  assert gemm.kind == 'gemm' and gemm.outputs == ((out, True),)
+  assert (gemm.read, gemm.written) == (out + leaf + out, out)
   assert hlo.loop_traffic(text, leaf) == {}  # Nothing cache-sized written.
   assert hlo.loop_traffic(text, out) == {'custom-call': out}

@@ -581,7 +581,8 @@ def test_damaged_cached_split_is_tokenized_again(trained, tmp_path):
 
 
 @pytest.mark.parametrize('flag', ['--batch_size=-3', '--beam_size=0', '--step=-1',
-                                  '--alpha=nan', '--bench_reps=0'])
+                                  '--alpha=nan', '--bench_reps=0',
+                                  '--bench_gemm_impls=triton'])
 def test_out_of_range_decode_flags_are_one_line(trained, flag):
   out = _run('decode.py', f'--workdir={trained}', '--mode=bleu', flag)
   _one_error_line(out, flag.split('=')[0])
