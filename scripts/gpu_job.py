@@ -73,6 +73,7 @@ MARGIN_S = 15  # The job ends this long before its command's limit.
 CORE = ('mha', 'mqa', 'gqa2')
 # Table 1 trains with the first of these that the smoke test ran on the machine.
 SEQ_IMPLS = ('cudnn', 'xla')
+CUDNN_FLAG = '--config.seq_attention_impl=cudnn'
 UPTRAIN_SOURCE, UPTRAIN_KV, UPTRAIN_FRACTION = 'mha-s0', {'mqa': 1, 'gqa2': 2}, 0.05
 # Scored per run: dev, test2016 and newstest2014 (--tiny: the numbers test
 # split again, under another name), greedy and beam 4.
@@ -678,8 +679,7 @@ class Job:
         raise RuntimeError(f'jax found no device: {proc.stderr[-2000:]}')
       self.machine['device'] = proc.stdout.strip().splitlines()[-1]
     self.machine['commands'] += 1
-    with open(path, 'w') as f:
-      json.dump(self.machine, f)
+    self.save_machine()
     self.window, self.n = self.machine['window'], self.machine['commands']
     self.kind = device_kind(self.machine['device'], self.tiny)
     self.est = Estimates(read_jsonl(os.path.join(self.args.results, 'gpu_times.jsonl')) +
@@ -723,8 +723,7 @@ class Job:
     self.record('smoke', time.time() - t0, ok,
                 seq_attention_impl=self.machine.get('seq_attention_impl'))
     self.machine['smoke'] = ok
-    with open(os.path.join(self.runs, 'machine.json'), 'w') as f:
-      json.dump(self.machine, f)
+    self.save_machine()
     self.pack()
     self.log(f'smoke: {"ok" if ok else "FAILED"} on {self.machine["device"]} '
              f'({time.time() - t0:.0f} s)')
@@ -813,6 +812,18 @@ class Job:
     """The attention over whole sequences Table 1 trains with on this machine."""
     return f"--config.seq_attention_impl={self.machine.get('seq_attention_impl', 'xla')}"
 
+  def use_xla_attention(self, why: str) -> None:
+    """Table 1 trains with XLA's attention on this machine from now on."""
+    with self.lock:
+      self.machine['seq_attention_impl'] = 'xla'
+      self.save_machine()
+    self.log(f'seq_attention_impl=cudnn: {why}; training with xla on this machine')
+
+  def save_machine(self) -> None:
+    """runs/machine.json: what this machine has run and chosen, for its next command."""
+    with open(os.path.join(self.runs, 'machine.json'), 'w') as f:
+      json.dump(self.machine, f)
+
   def side_by_side_env(self, n: int) -> dict:
     """The environment of one of n processes sharing the GPU."""
     env = dict(self.env)
@@ -821,12 +832,24 @@ class Job:
     return env
 
   def train(self, wd: str, flags: list[str], env: dict) -> tuple[bool, float]:
-    """Trains (or resumes) in `wd`; (trained, seconds)."""
+    """Trains (or resumes) in `wd`; (trained, seconds).
+
+    A run with cuDNN's attention that train.py refuses before its first step
+    (a user error, such as cuDNN's gradients differing from XLA's) trains
+    with XLA's instead, and so does everything after it on this machine."""
     t0 = time.time()
     if not self.trained(wd):
       os.makedirs(wd, exist_ok=True)
-      rc = self.sh(self.python('train.py', f'--workdir={wd}', *flags),
-                   os.path.join(wd, 'train.log'), self.end - self.stop_lead, env)
+      before = latest_step(wd)
+
+      def run(flags):
+        return self.sh(self.python('train.py', f'--workdir={wd}', *flags),
+                       os.path.join(wd, 'train.log'), self.end - self.stop_lead, env)
+
+      rc = run(flags)
+      if rc == 2 and CUDNN_FLAG in flags and latest_step(wd) == before:
+        self.use_xla_attention(f'{os.path.basename(wd)} refused it (train.log)')
+        rc = run([self.seq_flag() if f == CUDNN_FLAG else f for f in flags])
       if not self.trained(wd):
         self.log(f'{os.path.basename(wd)}: training stopped (rc={rc}) at step '
                  f'{latest_step(wd)}; command 2 on this machine resumes it')

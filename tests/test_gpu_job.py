@@ -228,7 +228,9 @@ def test_device_kinds_name_results_folders():
 def test_smoke_picks_the_seq_attention_table1_trains_with(tmp_path):
   # On the CPU cuDNN's attention cannot run: the smoke test says so, trains
   # with XLA's instead, and the machine remembers it. A machine that ran
-  # cuDNN's passes it to Table 1's train.py (which refuses it here, naming it).
+  # cuDNN's passes it to Table 1's train.py; where train.py refuses it before
+  # the first step (here: no GPU), the run trains with XLA's, and so does
+  # the machine from then on.
   proc, _ = _job(tmp_path, '--units=smoke', '--deadline=200')
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'smoke with seq_attention_impl=cudnn: FAILED' in proc.stdout
@@ -244,5 +246,12 @@ def test_smoke_picks_the_seq_attention_table1_trains_with(tmp_path):
     json.dump(machine, f)
   proc, _ = _job(tmp_path, '--units=core-s0', '--variants=mha', '--deadline=100',
                  out='out2')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'seq_attention_impl=cudnn: mha-s0 refused it' in proc.stdout
   with open(f'{tmp_path}/runs/work/mha-s0/train.log') as f:
     assert "seq_attention_impl='cudnn' needs" in f.read()
+  with open(f'{tmp_path}/runs/work/mha-s0/config.json') as f:
+    assert json.load(f)['seq_attention_impl'] == 'xla'
+  with open(f'{tmp_path}/runs/machine.json') as f:
+    assert json.load(f)['seq_attention_impl'] == 'xla'
+  assert 'done table1/mha-s0' in proc.stdout
