@@ -196,20 +196,24 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
   """Returns Table 2 (speed) and the table of every benchmark row as markdown.
 
   With decoder rows of several implementations (attention_impl/cache_layout),
-  each variant gets one line per implementation, labelled with it.
+  each variant gets one line per implementation it has rows of, labelled
+  with it.
   """
   by_variant = collections.defaultdict(list)
   for r in bench:
     by_variant[r.get('variant', DASH)].append(r)
-  decoders = [r for r in bench if r.get('kind') not in ('train', 'encoder')
-              and r.get('us_per_token') is not None]
-  labels = list(dict.fromkeys(impl_label(r) for r in decoders))
+  def timed_decoder(r):
+    return r.get('kind') not in ('train', 'encoder') and r.get('us_per_token') is not None
+
+  labels = list(dict.fromkeys(impl_label(r) for r in bench if timed_decoder(r)))
   many = len(labels) > 1
   us = lambda r: num(r['us_per_token']) if r else DASH
   rows = []
   for variant, rs in by_variant.items():
     train = pick(rs, 'train')
-    for label in labels if many and variant != PEER_VARIANT else [None]:
+    own = {impl_label(r) for r in rs if timed_decoder(r)}
+    lines = [x for x in labels if x in own] if many and variant != PEER_VARIANT else []
+    for label in lines or [None]:
       mine = [r for r in rs if label is None or impl_label(r) == label
               or r.get('kind') in ('train', 'encoder')]
       cells, batches = [], [train['batch'] if train else DASH]
@@ -218,7 +222,7 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
         enc = pick(mine, 'encoder', like=dec)
         cells.append(f'{us(enc)} + {us(dec)}' if dec or enc else DASH)
         batches.append(dec['batch'] if dec else DASH)
-      rows.append([f'{variant} ({label})' if many else variant, us(train)]
+      rows.append([f'{variant} ({label})' if label else variant, us(train)]
                   + cells + [' / '.join(str(b) for b in batches)])
   header = ['variant', 'training step (µs/token)', 'greedy enc + dec (µs/token)',
             'beam-4 enc + dec (µs/token)', 'batch (train / greedy / beam-4)']

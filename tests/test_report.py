@@ -212,9 +212,15 @@ def test_table2_labels_each_implementation_when_several_appear():
     rows.append(dict(_bench_row('mqa', 'greedy', 64, us, 'padded'),
                      attention_impl=impl, cache_layout=layout))
   rows[-1]['error'] = 'ModuleNotFoundError: pallas_attention'  # A failed row.
+  # A variant has lines for the implementations it has rows of only.
+  rows += [_bench_row('mha', 'train', 128, 0.8),
+           dict(_bench_row('mha', 'greedy', 64, 12.0, 'padded'),
+                attention_impl='xla', cache_layout='BKLH')]
   text = tables.table2(rows)
   assert _table_row(text, 'mqa (xla/BLKH)')[2].endswith('9.00')
   assert _table_row(text, 'mqa (xla/BKLH)')[2].endswith('6.00')
+  assert _table_row(text, 'mha (xla/BKLH)')[1:3] == ['0.800', '– + 12.0']
+  assert '| mha (xla/BLKH)' not in text
   assert 'pallas' not in text  # Error rows have no time to show.
   assert 'xla/BKLH' not in tables.table2(rows[:2])  # One implementation: as before.
 
