@@ -192,6 +192,10 @@ def peer_ratios(bench: Sequence[dict[str, Any]]) -> str:
           'device (above 1: ours is faster): ' + '; '.join(parts) + '.\n')
 
 
+def _timed_decoder(r: dict[str, Any]) -> bool:
+  return r.get('kind') not in ('train', 'encoder') and r.get('us_per_token') is not None
+
+
 def table2(bench: Sequence[dict[str, Any]]) -> str:
   """Returns Table 2 (speed) and the table of every benchmark row as markdown.
 
@@ -202,16 +206,13 @@ def table2(bench: Sequence[dict[str, Any]]) -> str:
   by_variant = collections.defaultdict(list)
   for r in bench:
     by_variant[r.get('variant', DASH)].append(r)
-  def timed_decoder(r):
-    return r.get('kind') not in ('train', 'encoder') and r.get('us_per_token') is not None
-
-  labels = list(dict.fromkeys(impl_label(r) for r in bench if timed_decoder(r)))
+  labels = list(dict.fromkeys(impl_label(r) for r in bench if _timed_decoder(r)))
   many = len(labels) > 1
   us = lambda r: num(r['us_per_token']) if r else DASH
   rows = []
   for variant, rs in by_variant.items():
     train = pick(rs, 'train')
-    own = {impl_label(r) for r in rs if timed_decoder(r)}
+    own = {impl_label(r) for r in rs if _timed_decoder(r)}
     lines = [x for x in labels if x in own] if many and variant != PEER_VARIANT else []
     for label in lines or [None]:
       mine = [r for r in rs if label is None or impl_label(r) == label

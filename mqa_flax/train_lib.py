@@ -232,8 +232,8 @@ class Trainer:
         self.ckpt.check_record(step)
       except ckpt_lib.CheckpointDamaged:
         pass  # Set aside when restoring.
-    self.train = data.tokenize_split(c.data, c.data.train_split, self.tokenizer,
-                                     self.workdir)
+    self.train_examples = data.tokenize_split(c.data, c.data.train_split,
+                                              self.tokenizer, self.workdir)
     self.dev = data.tokenize_split(c.data, c.data.dev_split, self.tokenizer, self.workdir)
     self.dev_text = data.read_split(c.data, c.data.dev_split) if c.bleu_every else None
     self.batches = self.first_batches()
@@ -249,7 +249,7 @@ class Trainer:
   def first_batches(self) -> data.PackedBatches:
     """This process's share of the training batches, from the first."""
     c = self.config
-    return data.PackedBatches(self.train, c.data.batch_size, c.data.max_len, c.seed,
+    return data.PackedBatches(self.train_examples, c.data.batch_size, c.data.max_len, c.seed,
                               jax.process_index(), jax.process_count())
 
   def write_run_files(self) -> None:
