@@ -79,10 +79,10 @@ def gradient_gap(params: nnx.State, batch: dict[str, jax.Array], *,
   def loss_and_grads(g):
     return jax.value_and_grad(lambda p: _mean_loss(p, g, batch, label_smoothing)[0])(params)
 
-  (loss, grads), (ref_loss, ref_grads) = loss_and_grads(graphdef), loss_and_grads(reference)
   def relative(g, ref):  # Both zero: no difference.
     return jnp.linalg.norm(g - ref) / jnp.maximum(jnp.linalg.norm(ref),
                                                   jnp.finfo(jnp.float32).tiny)
 
+  (loss, grads), (ref_loss, ref_grads) = loss_and_grads(graphdef), loss_and_grads(reference)
   return dict(loss=loss, reference_loss=ref_loss,
               relative=jax.tree.map(relative, grads, ref_grads))
