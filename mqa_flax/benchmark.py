@@ -97,11 +97,11 @@ ADAMW = dict(optimizer='adamw', learning_rate=1e-3, warmup_steps=1,
 _analyze = functools.lru_cache(costs.analyze)
 
 
-def gemm_options(gemm_impl: str) -> dict[str, Any] | None:
+def gemm_options(gemm_impl: str) -> dict[str, Any]:
   """XLA compiler options of a program whose GEMMs are `gemm_impl`'s."""
   if gemm_impl not in GEMM_IMPLS:
     raise ValueError(f'gemm_impl={gemm_impl!r}; expected one of {GEMM_IMPLS}')
-  return {'xla_gpu_enable_triton_gemm': False} if gemm_impl == 'cublas' else None
+  return {'xla_gpu_enable_triton_gemm': False} if gemm_impl == 'cublas' else {}
 
 
 def _timed(fn: Callable, make_args: Callable[[Any], tuple], *, reps: int,
@@ -116,7 +116,7 @@ def _timed(fn: Callable, make_args: Callable[[Any], tuple], *, reps: int,
   """
   args = make_args(None)
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile(compiler_options)
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile(compiler_options or None)
   compile_s = time.perf_counter() - start
   out, times = None, []
   for i in range(warmup + reps):

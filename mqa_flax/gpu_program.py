@@ -163,8 +163,9 @@ def compile_text(cfg: ModelConfig, p: Program, target: str,
   bytes; with `dump_dir`, XLA also writes there the PTX of every kernel it
   generates."""
   lowered, leaf = lower(cfg, p, target_sharding(target))
-  options = dict(benchmark.gemm_options(p.gemm) or {},
-                 **({'xla_dump_to': dump_dir} if dump_dir else {}))
+  options = benchmark.gemm_options(p.gemm)
+  if dump_dir:
+    options['xla_dump_to'] = dump_dir
   return lowered.compile(compiler_options=options or None).as_text(), leaf
 
 
