@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from mqa_flax import errors
+from mqa_flax import hosts
 from mqa_flax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,7 +28,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  train_lib.maybe_initialize_distributed()  # Before anything touches devices.
+  hosts.maybe_initialize_distributed()  # Before anything touches devices.
   logging.info('JAX %s on %d %s device(s), process %d of %d', jax.__version__,
                jax.device_count(), jax.default_backend(), jax.process_index(),
                jax.process_count())

@@ -139,19 +139,6 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
   assert Checkpointer(str(tmp_path), 3).latest_step() == step + 2
 
 
-def test_a_signal_takes_effect_only_where_the_loop_agrees_on_it():
-  # The handler records; the loop acts at `agree`, before its boundary check.
-  # (When the handler itself stopped the loop, a signal during a boundary's
-  # logging ended training after a boundary that had saved nothing.)
-  with train_lib._StopSignal() as stop:  # pylint: disable=protected-access
-    assert signal.getsignal(signal.SIGTERM) == stop._handle  # pylint: disable=protected-access
-    stop._handle(signal.SIGTERM, None)  # pylint: disable=protected-access
-    assert stop.signum is None
-    stop.agree()
-    assert stop.signum == signal.SIGTERM
-  assert signal.getsignal(signal.SIGTERM) != stop._handle  # pylint: disable=protected-access
-
-
 def test_misspelt_config_key_is_an_error(tmp_path):
   out = subprocess.run(_train_cmd(tmp_path, '--config.model.num_kv_head=2'),
                        env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
