@@ -73,7 +73,8 @@ MARGIN_S = 15  # The job ends this long before its command's limit.
 CORE = ('mha', 'mqa', 'gqa2')
 # Table 1 trains with the first of these that the smoke test ran on the machine.
 SEQ_IMPLS = ('cudnn', 'xla')
-CUDNN_FLAG = '--config.seq_attention_impl=cudnn'
+SEQ_FLAG = '--config.seq_attention_impl={}'  # train.py's flag for one of them.
+CUDNN_FLAG = SEQ_FLAG.format('cudnn')
 UPTRAIN_SOURCE, UPTRAIN_KV, UPTRAIN_FRACTION = 'mha-s0', {'mqa': 1, 'gqa2': 2}, 0.05
 # Scored per run: dev, test2016 and newstest2014 (--tiny: the numbers test
 # split again, under another name), greedy and beam 4.
@@ -714,7 +715,7 @@ class Job:
       ok = self.sh(self.python('train.py', '--config=configs/multi30k.py:mha,tiny',
                                f'--workdir={wd}', '--config.num_train_steps=20',
                                '--config.model.head_dim=8',
-                               f'--config.seq_attention_impl={impl}'),
+                               SEQ_FLAG.format(impl)),
                    os.path.join(self.runs, 'smoke.log')) == 0
       self.log(f'smoke with seq_attention_impl={impl}: {"ok" if ok else "FAILED"}')
       if ok:
@@ -810,7 +811,7 @@ class Job:
 
   def seq_flag(self) -> str:
     """The attention over whole sequences Table 1 trains with on this machine."""
-    return f"--config.seq_attention_impl={self.machine.get('seq_attention_impl', 'xla')}"
+    return SEQ_FLAG.format(self.machine.get('seq_attention_impl', 'xla'))
 
   def use_xla_attention(self, why: str) -> None:
     """Table 1 trains with XLA's attention on this machine from now on."""
