@@ -31,6 +31,7 @@ gives it (for a growing cache, the loop with the most bytes: the last).
 import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -58,13 +59,23 @@ from mqa_flax.config import ARGMAX_IMPLS, ATTENTION_IMPLS, CACHE_LAYOUTS, ModelC
 from mqa_flax.model import abstract_model
 
 PROGRAMS = ('greedy', 'beam', 'encoder', 'train')
-def available() -> bool:
-  """Whether the CUDA plugin that compiles for a GPU without one is installed."""
+# The CUDA plugins jax's wheels come as: cuda12 (the gpu-aot extra) and
+# cuda13 (the H200 image's jax 0.11.2).
+_PLUGINS = ('jax_plugins.xla_cuda12', 'jax_plugins.xla_cuda13')
+
+
+def _spec(name: str):
+  """The module `name`'s import spec, or None where it (or its parent) is
+  not installed."""
   try:
-    import jax_plugins.xla_cuda12  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+    return importlib.util.find_spec(name)
+  except ModuleNotFoundError:
+    return None
+
+
+def available() -> bool:
+  """Whether a CUDA plugin that compiles for a GPU without one is installed."""
+  return any(_spec(name) for name in _PLUGINS)
 
 
 @functools.cache
@@ -121,9 +132,12 @@ def lower(cfg: ModelConfig, p: Program, sharding: jax.sharding.Sharding
   `sharding`, and the bytes of the smallest self-attention K/V cache leaf
   (0 without a cache).
 
-  Decode loops donate their cache, as the benchmark's do.
+  Decode loops donate their cache, as the benchmark's do. The lowering runs
+  under the sharding's abstract mesh: from jax 0.11 on, Pallas's Triton
+  lowering reads the GPU it compiles for from there when no GPU is present.
   """
-  with attention.compiling_for_gpu():
+  with attention.compiling_for_gpu(), jax.sharding.use_abstract_mesh(
+      sharding.mesh.abstract_mesh):
     return _lower(cfg, p, sharding)
 
 
@@ -170,19 +184,43 @@ def compile_text(cfg: ModelConfig, p: Program, target: str,
 
 
 def _ptxas() -> str:
-  """ptxas of the gpu-aot extra's nvidia-cuda-nvcc-cu12 wheel, else on PATH."""
-  try:
-    from nvidia import cuda_nvcc  # pylint: disable=g-import-not-at-top
-    path = os.path.join(list(cuda_nvcc.__path__)[0], 'bin', 'ptxas')
-    if os.access(path, os.X_OK):
-      return path
-  except ImportError:
-    pass
+  """ptxas of the nvidia-cuda-nvcc wheel (CUDA 12's, as the gpu-aot extra
+  installs it, or CUDA 13's), else on PATH."""
+  for package in ('nvidia.cuda_nvcc', 'nvidia.cu13'):
+    spec = _spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+      path = os.path.join(folder, 'bin', 'ptxas')
+      if os.access(path, os.X_OK):
+        return path
   path = shutil.which('ptxas')
   if not path:
     raise ValueError('--registers needs ptxas: pip install nvidia-cuda-nvcc-cu12 '
                      "(in the gpu-aot extra)")
   return path
+
+
+@functools.cache
+def writes_ptx(target: str) -> bool:
+  """Whether this jax's XLA writes the PTX of the kernels it generates when it
+  compiles for `target` without a GPU, as `kernel_registers` needs: jax 0.10
+  does, 0.11 writes none."""
+  x = jax.ShapeDtypeStruct((256,), jnp.float32, sharding=target_sharding(target))
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.jit(lambda v: jnp.sin(v) * 2).lower(x).compile(
+        compiler_options={'xla_dump_to': tmp})
+    return bool(glob.glob(os.path.join(tmp, '*.ptx')))
+
+
+@functools.cache
+def sorts_for_top_k(target: str) -> bool:
+  """Whether this jax's XLA, compiling for `target` without a GPU, turns
+  `lax.top_k` into a full sort: jax 0.11 lacks CUB's deviceless data and
+  sorts, where a GPU's program (and jax 0.10's deviceless one) calls XLA's
+  top-k kernel. Beam steps with argmax_impl 'xla' then carry sort kernels
+  and vocabulary-sized arrays a GPU would not run."""
+  x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16, sharding=target_sharding(target))
+  text = jax.jit(lambda v: jax.lax.top_k(v, 4)).lower(x).compile().as_text()
+  return any(k.kind == 'sort' for k in hlo.entry_kernels(text))
 
 
 # ptxas -v prints, per kernel: "Compiling entry function 'NAME' for 'sm_90a'",
@@ -241,6 +279,10 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
   (`kernel_registers`; None for library calls), and the report names the
   kernels that spill.
   """
+  if registers and not writes_ptx(target):
+    raise ValueError('registers: this jax\'s XLA writes no PTX when it compiles '
+                     'without a GPU (jax 0.11 does not); use the gpu-aot extra\'s '
+                     'jax 0.10')
   with tempfile.TemporaryDirectory() as tmp:
     text, leaf = compile_text(cfg, p, target, tmp if registers else None)
     usage = kernel_registers(tmp) if registers else None
@@ -256,6 +298,8 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
                 **hlo.step_counts(text, leaf, floor and floor[0], reorder,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
+  report['top_k_sorts'] = (p.program == 'beam' and cfg.argmax_impl == 'xla'
+                           and sorts_for_top_k(target))
   report.update(predict(report, p, target))
   if floor:
     report.update(serial_floor(report, floor[1], target))
@@ -363,6 +407,9 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
         f"take >= {r['serial_floor_us']:,.0f} us, at most "
         f"{r['serial_floor_fraction']:.2f} of max(floors); predicted "
         f"{best / r['predicted_step_us']:.2f}")
+  if r.get('top_k_sorts'):
+    lines.append("  note               XLA without a GPU sorts for the top-k here "
+                 "(jax 0.11); a GPU's program calls its top-k kernel instead")
   regs = 'max_registers' in r
   if regs:
     spills = r['spilling_kernels']
