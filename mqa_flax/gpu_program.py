@@ -281,7 +281,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
   """
   if registers and not writes_ptx(target):
     raise ValueError('registers: this jax\'s XLA writes no PTX when it compiles '
-                     'without a GPU (jax 0.11 does not); use the gpu-aot extra\'s '
+                     'without a GPU (jax 0.10\'s does); use the gpu-aot extra\'s '
                      'jax 0.10')
   with tempfile.TemporaryDirectory() as tmp:
     text, leaf = compile_text(cfg, p, target, tmp if registers else None)
@@ -452,7 +452,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('chunk', 16, 'Steps per loop, growing cache.')
   flags.DEFINE_bool('kernels', False, 'List every kernel of the step.')
   flags.DEFINE_bool('registers', False, 'Registers and spills of each generated '
-                    'kernel, from ptxas (slower: it assembles every kernel).')
+                    'kernel, from ptxas (slower: it assembles every kernel; '
+                    'jax 0.10 only).')
   flags.DEFINE_bool('json', False, 'Print JSON instead of text.')
   flags.mark_flags_as_required(['config'])
 
