@@ -179,6 +179,35 @@ class Candidates:
   eos_logp: jax.Array  # [rows] float32, EOS's log-probability.
 
 
+# Vocabulary chunk of `top_k_by_chunks`.
+TOP_K_CHUNK = 128
+
+
+def top_k_by_chunks(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` of x [rows, V] (any float dtype) as float32 values and ids,
+  ties to the lower id, without a float32 copy of x or a sort of its rows.
+
+  jax 0.11's XLA runs its top-k kernel on float32 only and sorts each whole
+  row of a bfloat16 top-k; a float32 copy of bfloat16 logits would be
+  written and read back. Here a reduction finds the maxima of 128-wide
+  chunks, and the top-k of the k chunks with the largest maxima, taken in
+  vocabulary order, is x's: each of the k largest values lies in one of them.
+  """
+  rows, v = x.shape
+  n = -(-v // TOP_K_CHUNK)
+  if n <= k:
+    return jax.lax.top_k(x.astype(jnp.float32), k)
+  x = jnp.pad(x, ((0, 0), (0, n * TOP_K_CHUNK - v)), constant_values=-jnp.inf)
+  x = x.reshape(rows, n, TOP_K_CHUNK)
+  _, chunks = jax.lax.top_k(x.max(axis=-1).astype(jnp.float32), k)
+  chunks = jnp.sort(chunks, axis=-1)  # [rows, k]
+  part = jnp.take_along_axis(x, chunks[:, :, None], axis=1)  # [rows, k, chunk]
+  values, at = jax.lax.top_k(part.reshape(rows, -1).astype(jnp.float32), k)
+  ids = (jnp.take_along_axis(chunks, at // TOP_K_CHUNK, axis=1) * TOP_K_CHUNK
+         + at % TOP_K_CHUNK)
+  return values, ids
+
+
 def candidates(logits: jax.Array, k: int, eos_id: int) -> Candidates:
   """The `Candidates` of logits [rows, V] (any float dtype): the top-k runs
   on the logits themselves (the log-softmax keeps their order), and only
@@ -189,8 +218,8 @@ def candidates(logits: jax.Array, k: int, eos_id: int) -> Candidates:
   x_max = jnp.max(x, axis=-1, keepdims=True)  # As jax.nn.log_softmax computes.
   log_z = jnp.log(jnp.sum(jnp.exp(x - x_max), axis=-1, keepdims=True))
   log_softmax = lambda y: (y - x_max) - log_z
-  best, ids = jax.lax.top_k(logits, min(k, logits.shape[-1]))
-  logp = log_softmax(best.astype(jnp.float32))
+  best, ids = top_k_by_chunks(logits, min(k, logits.shape[-1]))
+  logp = log_softmax(best)
   if k > logits.shape[-1]:
     pad = ((0, 0), (0, k - logits.shape[-1]))
     logp, ids = jnp.pad(logp, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)

@@ -211,18 +211,6 @@ def writes_ptx(target: str) -> bool:
     return bool(glob.glob(os.path.join(tmp, '*.ptx')))
 
 
-@functools.cache
-def sorts_for_top_k(target: str) -> bool:
-  """Whether this jax's XLA, compiling for `target` without a GPU, turns
-  `lax.top_k` into a full sort: jax 0.11 lacks CUB's deviceless data and
-  sorts, where a GPU's program (and jax 0.10's deviceless one) calls XLA's
-  top-k kernel. Beam steps with argmax_impl 'xla' then carry sort kernels
-  and vocabulary-sized arrays a GPU would not run."""
-  x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16, sharding=target_sharding(target))
-  text = jax.jit(lambda v: jax.lax.top_k(v, 4)).lower(x).compile().as_text()
-  return any(k.kind == 'sort' for k in hlo.entry_kernels(text))
-
-
 # ptxas -v prints, per kernel: "Compiling entry function 'NAME' for 'sm_90a'",
 # "... N bytes spill stores, M bytes spill loads", "Used R registers, ...".
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
@@ -298,8 +286,6 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
                 **hlo.step_counts(text, leaf, floor and floor[0], reorder,
                                   decoding.steps_per_loop(
                                       p.beams, p.chunk if p.cache == 'growing' else None)))
-  report['top_k_sorts'] = (p.program == 'beam' and cfg.argmax_impl == 'xla'
-                           and sorts_for_top_k(target))
   report.update(predict(report, p, target))
   if floor:
     report.update(serial_floor(report, floor[1], target))
@@ -407,9 +393,6 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
         f"take >= {r['serial_floor_us']:,.0f} us, at most "
         f"{r['serial_floor_fraction']:.2f} of max(floors); predicted "
         f"{best / r['predicted_step_us']:.2f}")
-  if r.get('top_k_sorts'):
-    lines.append("  note               XLA without a GPU sorts for the top-k here "
-                 "(jax 0.11); a GPU's program calls its top-k kernel instead")
   regs = 'max_registers' in r
   if regs:
     spills = r['spilling_kernels']

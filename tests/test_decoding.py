@@ -385,6 +385,23 @@ def test_top_extensions_per_beam_equal_the_top_of_all_sums(dtype, k):
   assert np.all(np.asarray(got[2])[1][finite[1]] == eos)  # Forced: EOS only.
 
 
+@pytest.mark.parametrize("v,k", [(1000, 4), (4096, 8), (300, 2), (600, 8)])
+def test_top_k_by_chunks_equals_the_top_k_of_whole_rows(v, k):
+  # bfloat16 logits of few distinct values (many ties, some across chunks),
+  # the vocabulary not a multiple of the chunk or shorter than k chunks, one
+  # row -inf but for one token: the top-k of the k chunks with the largest
+  # maxima is the row's, ties going to the lower id.
+  rows = 6
+  x = jax.random.randint(jax.random.PRNGKey(v), (rows, v), -40, 12).astype(jnp.bfloat16)
+  x = x.at[0].set(-jnp.inf).at[0, v - 1].set(3.0)
+  values, ids = jax.jit(decoding.top_k_by_chunks, static_argnums=1)(x, k)
+  assert values.dtype == jnp.float32 and ids.shape == (rows, k)
+  xs = np.asarray(x.astype(jnp.float32))
+  want = np.argsort(-xs, axis=1, kind='stable')[:, :k]
+  np.testing.assert_array_equal(ids, want)
+  np.testing.assert_array_equal(values, np.take_along_axis(xs, want, axis=1))
+
+
 def test_candidates_callback_finds_what_the_logits_find():
   # Beam search driven by each row's Candidates (here from the logits, as a
   # model computes them without writing logits) finds the same sequences and
