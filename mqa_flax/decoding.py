@@ -179,32 +179,31 @@ class Candidates:
   eos_logp: jax.Array  # [rows] float32, EOS's log-probability.
 
 
-# Vocabulary chunk of `top_k_by_chunks`.
-TOP_K_CHUNK = 128
+_CHUNK = 128  # Width of `top_k_by_chunks`' vocabulary chunks.
 
 
 def top_k_by_chunks(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` of x [rows, V] (any float dtype) as float32 values and ids,
-  ties to the lower id, without a float32 copy of x or a sort of its rows.
+  """`lax.top_k` of x [rows, V] (any float dtype): float32 values and ids,
+  ties to the lower id, with neither a float32 copy of x nor a sort of its rows.
 
-  jax 0.11's XLA runs its top-k kernel on float32 only and sorts each whole
-  row of a bfloat16 top-k; a float32 copy of bfloat16 logits would be
-  written and read back. Here a reduction finds the maxima of 128-wide
-  chunks, and the top-k of the k chunks with the largest maxima, taken in
-  vocabulary order, is x's: each of the k largest values lies in one of them.
+  jax 0.11's XLA sorts each whole row for a bfloat16 top-k (a float32 one
+  runs its top-k kernel), and casting the logits would write and read back
+  a float32 copy. Here a reduction finds the maxima of 128-wide chunks; the
+  k largest values lie in the k chunks with the largest maxima, whose top-k,
+  taken in vocabulary order, is x's.
   """
   rows, v = x.shape
-  n = -(-v // TOP_K_CHUNK)
+  n = -(-v // _CHUNK)
   if n <= k:
     return jax.lax.top_k(x.astype(jnp.float32), k)
-  x = jnp.pad(x, ((0, 0), (0, n * TOP_K_CHUNK - v)), constant_values=-jnp.inf)
-  x = x.reshape(rows, n, TOP_K_CHUNK)
+  x = jnp.pad(x, ((0, 0), (0, n * _CHUNK - v)), constant_values=-jnp.inf)
+  x = x.reshape(rows, n, _CHUNK)
   _, chunks = jax.lax.top_k(x.max(axis=-1).astype(jnp.float32), k)
   chunks = jnp.sort(chunks, axis=-1)  # [rows, k]
   part = jnp.take_along_axis(x, chunks[:, :, None], axis=1)  # [rows, k, chunk]
   values, at = jax.lax.top_k(part.reshape(rows, -1).astype(jnp.float32), k)
-  ids = (jnp.take_along_axis(chunks, at // TOP_K_CHUNK, axis=1) * TOP_K_CHUNK
-         + at % TOP_K_CHUNK)
+  ids = (jnp.take_along_axis(chunks, at // _CHUNK, axis=1) * _CHUNK
+         + at % _CHUNK)
   return values, ids
 
 
