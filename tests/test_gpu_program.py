@@ -60,12 +60,10 @@ LOOPS = [(p, k, layout, bc) for p, bc in (('greedy', 'reorder'), ('beam', 'reord
          for k in (1, 2, 8) for layout in ('BLKH', 'BKLH')]
 
 
-# With BLKH, an attention product that is a GEMM batched over (B, K) needs a
-# copy of its K/V leaf with B and K outermost: the two are not one stride
-# apart in [B, L, K, H]. Beam search's products are GEMMs: a sentence's 4
-# beams share its K/V rows with 'pointers', and with 'reorder' XLA moves
-# the leaf's layout change ahead of the update (jax 0.10's XLA for K = 1 and
-# 2, jax 0.11's for K = 2). Greedy's, one query row a (B, K), are not.
+# With BLKH, an attention product (a GEMM batched over B and K) needs the
+# K/V leaf stored with B and K outermost. Greedy's loop stores it so; beam
+# loops keep [B, L, K, H] and transpose it each step: every K with
+# 'pointers', K = 2 with 'reorder' (and K = 1 under jax 0.10's XLA).
 def _blkh_beam_copies(program, k, layout, beam_cache):
   return program == 'beam' and layout == 'BLKH' and (
       beam_cache == 'pointers' or k == 2 or (k == 1 and jax.__version_info__ < (0, 11)))
