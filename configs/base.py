@@ -102,4 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # position is reordered instead, and each beam's self-attention reads all
   # of its sentence's slots, masked to its own history). Same results.
   dc.beam_cache = 'reorder'
+  # Each decoder layer's LayerNorms in a decode step: 'xla' (a kernel writes
+  # the normalised rows, the next GEMM reads them) or 'pallas'
+  # (mqa_flax.pallas_norm_gemm: folded into the QKV, query and first
+  # feed-forward GEMMs, which read the residual rows; interpreted, slowly, on
+  # a CPU). Same results up to rounding. Awaits a GPU timing.
+  dc.norm_impl = 'xla'
   return c

@@ -278,9 +278,13 @@ class Attention(nnx.Module):
              mask_BTS: jax.Array, impl: str = 'xla',
              kv_layout: str = 'BSKH') -> jax.Array:
     """Projects queries from x, attends to given keys/values, projects out."""
+    return self.attend_queries(self.project_q(x_BTD), k, v, mask_BTS, impl,
+                               kv_layout)
+
+  def project_q(self, x_BTD: jax.Array) -> jax.Array:
+    """Queries, [B, T, N, H]."""
     x = x_BTD.astype(self.dtype)
-    q = jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
-    return self.attend_queries(q, k, v, mask_BTS, impl, kv_layout)
+    return jnp.einsum('BTD,DNH->BTNH', x, self.q[...].astype(self.dtype))
 
   def attend_queries(self, q_BTNH: jax.Array, k: jax.Array, v: jax.Array,
                      mask_BTS: jax.Array, impl: str = 'xla',

@@ -23,6 +23,7 @@ POS_EMBEDDINGS = ('learned', 'sinusoidal')
 ATTENTION_IMPLS = ('xla', 'xla_reduce', 'cudnn', 'pallas')
 SEQ_ATTENTION_IMPLS = ('xla', 'cudnn')
 ARGMAX_IMPLS = ('xla', 'pallas')
+NORM_IMPLS = ('xla', 'pallas')
 CACHE_LAYOUTS = ('BLKH', 'BKLH')
 BEAM_CACHES = ('reorder', 'pointers')
 
@@ -50,12 +51,14 @@ class ModelConfig:
   # 'cudnn' (cuDNN's fused attention; a CUDA GPU, bfloat16 or float16).
   seq_attention_impl: str = 'xla'
   # How incremental decode steps compute, never what (config.decode): the
-  # attention implementation, the K/V cache layout and how the output GEMM's
-  # best tokens are found (greedy's argmax, beam search's top-k).
+  # attention implementation, the K/V cache layout, how the output GEMM's
+  # best tokens are found (greedy's argmax, beam search's top-k) and whether
+  # each layer's LayerNorms are folded into the GEMMs that read them.
   attention_impl: str = 'xla'
   cache_layout: str = 'BLKH'
   argmax_impl: str = 'xla'
   beam_cache: str = 'reorder'
+  norm_impl: str = 'xla'
 
   def __post_init__(self):
     check_heads(self.num_heads, self.num_kv_heads)
@@ -82,6 +85,12 @@ class ModelConfig:
     if self.argmax_impl not in ARGMAX_IMPLS:
       raise ValueError(f'argmax_impl={self.argmax_impl!r}; expected one of '
                        f'{ARGMAX_IMPLS}')
+    if self.norm_impl not in NORM_IMPLS:
+      raise ValueError(f'norm_impl={self.norm_impl!r}; expected one of '
+                       f'{NORM_IMPLS}')
+    if self.norm_impl == 'pallas' and self.d_model % 16:
+      raise ValueError(f"norm_impl='pallas' needs d_model a multiple of 16, got "
+                       f"{self.d_model}; use norm_impl='xla'")
     if self.beam_cache not in BEAM_CACHES:
       raise ValueError(f'beam_cache={self.beam_cache!r}; expected one of '
                        f'{BEAM_CACHES}')
@@ -118,7 +127,8 @@ class ModelConfig:
         cache_layout=decode_cfg.cache_layout,
         # Absent from the config.json of workdirs made before it existed.
         argmax_impl=decode_cfg.get('argmax_impl', 'xla'),
-        beam_cache=decode_cfg.get('beam_cache', 'reorder'))
+        beam_cache=decode_cfg.get('beam_cache', 'reorder'),
+        norm_impl=decode_cfg.get('norm_impl', 'xla'))
     try:
       return cls(**model_cfg.to_dict(), vocab_size=vocab_size,
                  seq_attention_impl=seq_attention_impl, **extra)

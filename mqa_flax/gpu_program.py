@@ -55,7 +55,8 @@ from mqa_flax import errors
 from mqa_flax import gpu_targets
 from mqa_flax import hlo
 from mqa_flax import state as state_lib
-from mqa_flax.config import ARGMAX_IMPLS, ATTENTION_IMPLS, CACHE_LAYOUTS, ModelConfig
+from mqa_flax.config import (ARGMAX_IMPLS, ATTENTION_IMPLS, CACHE_LAYOUTS, NORM_IMPLS,
+                             ModelConfig)
 from mqa_flax.model import abstract_model
 
 PROGRAMS = ('greedy', 'beam', 'encoder', 'train')
@@ -280,6 +281,7 @@ def program_report(cfg: ModelConfig, p: Program, target: str,
   report = dict(target=target, **dataclasses.asdict(p), beams=p.beams,
                 attention_impl=cfg.attention_impl, cache_layout=cfg.cache_layout,
                 argmax_impl=cfg.argmax_impl if p.program in ('greedy', 'beam') else None,
+                norm_impl=cfg.norm_impl if p.program in ('greedy', 'beam') else None,
                 seq_attention_impl=cfg.seq_attention_impl,
                 num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                 dtype=cfg.dtype, cache_leaf_bytes=leaf,
@@ -355,7 +357,9 @@ def format_report(r: dict[str, Any], kernels: bool = False) -> str:
       f"{r['dtype']} batch {r['batch']} " + (
           f"src {r['src_len']} tgt {r['tgt_len']} cache {r['cache']} "
           f"{r['cache_layout']} attention {r['attention_impl']}"
-          + (f" argmax {r['argmax_impl']}" if r['argmax_impl'] else '') if decoding
+          + (f" argmax {r['argmax_impl']}" if r['argmax_impl'] else '')
+          + (f" norm {r['norm_impl']}" if r.get('norm_impl') == 'pallas' else '')
+          if decoding
           else f"length {r['tgt_len'] if r['program'] == 'train' else r['src_len']} "
           f"attention {r['seq_attention_impl']}")
       + (f" gemm {r['gemm']}" if r.get('gemm', 'xla') != 'xla' else ''),
@@ -424,6 +428,9 @@ def define_flags() -> None:
   flags.DEFINE_enum('argmax', None, list(ARGMAX_IMPLS),
                     'Greedy decoding\'s argmax and beam search\'s top-k '
                     '(default: the config\'s).')
+  flags.DEFINE_enum('norm', None, list(NORM_IMPLS),
+                    'Decode LayerNorms: XLA\'s kernels, or folded into the '
+                    'GEMMs that read them (default: the config\'s).')
   flags.DEFINE_enum('layout', None, list(CACHE_LAYOUTS),
                     'Cache layout (default: the config\'s).')
   flags.DEFINE_enum('gemm', 'xla', list(benchmark.GEMM_IMPLS),
@@ -455,6 +462,7 @@ def main(argv):
                                 config.seq_attention_impl)
   cfg = dataclasses.replace(cfg, attention_impl=f.impl or cfg.attention_impl,
                             argmax_impl=f.argmax or cfg.argmax_impl,
+                            norm_impl=f.norm or cfg.norm_impl,
                             cache_layout=f.layout or cfg.cache_layout)
   program = f.program
   tgt_len = f.tgt_len

@@ -143,7 +143,7 @@ class Kernel:
   (in place; how much of it the kernel writes is not in the HLO).
   `outputs`: (bytes written, updated in place) per result.
   `flops`: the multiply-adds of its dots, times 2 (GEMM fusions, library
-  GEMMs, the Pallas output-GEMM kernels and cuDNN's fused attention; 0 for
+  GEMMs, the Pallas output-GEMM and LayerNorm-GEMM kernels and cuDNN's fused attention; 0 for
   everything else, whose arithmetic is small beside its bytes).
   """
 
@@ -190,7 +190,8 @@ def _dot_flops(ops: dict, op: tuple) -> int:
 def _custom_call_flops(ops: dict, typ: str, rest: str, kind: str) -> int:
   """A library GEMM's (its dot dimensions in the backend config; the first
   result is the product), a Pallas output-GEMM kernel's (`logits_*`:
-  x [B, D] . table [V, D]ᵀ), or cuDNN's fused attention's (q [B, T, N, H]
+  x [B, D] . table [V, D]ᵀ), a Pallas LayerNorm-GEMM's (`norm_gemm`:
+  x [B, D] . w [D, N]), or cuDNN's fused attention's (q [B, T, N, H]
   and k [B, S, K, H], its first two operand shapes: every score computed,
   masked or not; forward QKᵀ and PV, 4·B·T·N·S·H; backward QKᵀ again and
   four more products, 10·B·T·N·S·H)."""
@@ -204,6 +205,9 @@ def _custom_call_flops(ops: dict, typ: str, rest: str, kind: str) -> int:
   if kind == 'pallas' and re.search(r'name = "logits_', rest) and len(shapes) >= 2:
     (b, d), (v, _) = shapes[0], shapes[1]
     return 2 * b * v * d
+  if kind == 'pallas' and re.search(r'name = "norm_gemm', rest) and len(shapes) >= 2:
+    (b, d), (_, n) = shapes[0], shapes[1]
+    return 2 * b * d * n
   if kind == 'attention' and 'fmha' in rest:  # Logical shapes, not the layouts'.
     constraints = _attr(rest, 'operand_layout_constraints')
     q, k = ([_dims(t) for t in re.findall(r'\w+\[[\d,]*\]', constraints)] + [[], []])[:2]

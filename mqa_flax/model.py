@@ -93,10 +93,16 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, rngs: nnx.Rngs | None,
                rate: float) -> jax.Array:
+    return self.project_out(_dropout(self.hidden(x_BTD), rate, rngs))
+
+  def hidden(self, x_BTD: jax.Array) -> jax.Array:
+    """The hidden layer, ReLU(x W_i + b_i), [B, T, F] in the compute dtype."""
     dt = self.dtype
     h_BTF = jnp.einsum('BTD,DF->BTF', x_BTD.astype(dt), self.wi[...].astype(dt))
-    h_BTF = _dropout(jax.nn.relu(h_BTF + self.bi[...].astype(dt)[None, None]),
-                     rate, rngs)
+    return jax.nn.relu(h_BTF + self.bi[...].astype(dt)[None, None])
+
+  def project_out(self, h_BTF: jax.Array) -> jax.Array:
+    dt = self.dtype
     y_BTD = jnp.einsum('BTF,FD->BTD', h_BTF, self.wo[...].astype(dt))
     return y_BTD + self.bo[...].astype(dt)[None, None]
 
@@ -150,10 +156,47 @@ class DecoderLayer(nnx.Module):
     return x_BTD + _dropout(self.ffn(self.ln3(x_BTD), rngs, self.rate), self.rate,
                             rngs)
 
+  def decode_weights(self, norm_impl: str) -> dict[str, Any]:
+    """What `step` would otherwise derive from the parameters at every step,
+    by the GEMM that reads each LayerNorm: 'qkv' (ln1; the self-attention's
+    q, k and v weights as one array, `Attention.qkv_weight`) and, with
+    norm_impl 'pallas', each LayerNorm folded into its GEMM
+    (`pallas_norm_gemm.Folded`): 'qkv', 'q' (ln2, cross-attention queries)
+    and 'ffn' (ln3, the feed-forward's hidden layer)."""
+    w_qkv = self.self_attn.qkv_weight()
+    if norm_impl == 'xla':
+      return {'qkv': w_qkv}
+    from mqa_flax import pallas_norm_gemm  # pylint: disable=g-import-not-at-top
+
+    def fold(ln, w, b=None):
+      return pallas_norm_gemm.fold(ln.scale[...], ln.bias[...],
+                                   w.reshape(w.shape[0], -1), b, ln.epsilon,
+                                   self.ffn.dtype)
+
+    return {'qkv': fold(self.ln1, w_qkv), 'q': fold(self.ln2, self.cross_attn.q[...]),
+            'ffn': fold(self.ln3, self.ffn.wi[...], self.ffn.bi[...])}
+
+  def _after_norm(self, part: str, x_B1D: jax.Array, weights: dict[str, Any]
+                  ) -> jax.Array:
+    """The GEMM that reads LayerNorm `part` of one position's rows (see
+    `decode_weights`): [B, 1, N + 2K, H] for 'qkv', [B, 1, N, H] for 'q',
+    [B, 1, F] for 'ffn' (after its ReLU), in the compute dtype."""
+    w = weights.get(part)
+    if part == 'qkv' and isinstance(w, jax.Array):
+      return self.self_attn.project_qkv(self.ln1(x_B1D), w)
+    if w is None:
+      return (self.cross_attn.project_q(self.ln2(x_B1D)) if part == 'q' else
+              self.ffn.hidden(self.ln3(x_B1D)))
+    from mqa_flax import pallas_norm_gemm  # pylint: disable=g-import-not-at-top
+    y = pallas_norm_gemm.norm_gemm(x_B1D[:, 0], w, relu=part == 'ffn',
+                                   interpret=not for_gpu())
+    shape = (-1,) if part == 'ffn' else (-1, self.self_attn.head_dim)
+    return y.reshape(x_B1D.shape[0], 1, *shape)
+
   def step(self, x_B1D: jax.Array, cache: Cache, index: jax.Array,
            self_mask_B1L: jax.Array, cross_mask_B1S: jax.Array,
            read_len: int | None, impl: str, layout: str,
-           w_qkv: jax.Array | None = None, beams: int = 1
+           weights: dict[str, Any], beams: int = 1
            ) -> tuple[jax.Array, Cache]:
     """One incremental position: writes its K/V into the cache, then attends.
 
@@ -161,14 +204,14 @@ class DecoderLayer(nnx.Module):
     and attention, where only a static `read_len` < L slices it (the growing
     cache), or, with impl 'pallas', by one kernel that writes this
     position's K/V and attends (reading the first `read_len` positions).
-    `w_qkv`: the self-attention's `qkv_weight()`.
+    `weights`: `decode_weights()`, whose form says where the LayerNorms run.
     `beams` M > 1 (beam_cache 'pointers'): each beam writes its own cache
     row, and self-attention reads all M rows of its sentence as one row of
     M*L keys (`self_mask_B1L` is then [B, 1, M*L]).
     """
     # Queries, keys and values by one GEMM; the Pallas attention reads the
     # queries out of its output in place.
-    qkv = self.self_attn.project_qkv(self.ln1(x_B1D), w_qkv)  # [B, 1, N+2K, H]
+    qkv = self._after_norm('qkv', x_B1D, weights)  # [B, 1, N+2K, H]
     length = cache['k'].shape[1]  # Axis 1 is L in both layouts.
     # A local window's cache is a ring buffer of L = W slots: position i goes
     # to slot i % W, overwriting position i - W, which the window no longer
@@ -183,10 +226,10 @@ class DecoderLayer(nnx.Module):
       y_B1D, ck, cv = self._write_and_attend(qkv, cache, slot, self_mask_B1L,
                                              read_len, impl, layout, beams)
     x_B1D = x_B1D + y_B1D
-    x_B1D = x_B1D + self.cross_attn.attend(
-        self.ln2(x_B1D), cache['cross_k'], cache['cross_v'], cross_mask_B1S, impl,
-        kv_layout)
-    x_B1D = x_B1D + self.ffn(self.ln3(x_B1D), None, 0.0)
+    x_B1D = x_B1D + self.cross_attn.attend_queries(
+        self._after_norm('q', x_B1D, weights), cache['cross_k'], cache['cross_v'],
+        cross_mask_B1S, impl, kv_layout)
+    x_B1D = x_B1D + self.ffn.project_out(self._after_norm('ffn', x_B1D, weights))
     return x_B1D, dict(cache, k=ck, v=cv)
 
   def _write_and_attend(self, qkv: jax.Array, cache: Cache, slot: jax.Array,
@@ -360,13 +403,14 @@ class Transformer(nnx.Module):
     layers = [dict(c, k=take(c['k']), v=take(c['v'])) for c in cache['layers']]
     return dict(cache, layers=layers)
 
-  def decode_weights(self) -> list[jax.Array]:
+  def decode_weights(self) -> list[dict[str, Any]]:
     """Weights that `decode_step` and `next_token` would otherwise derive from
-    the parameters at every step: each decoder layer's self-attention q, k, v
-    weights as one array (`Attention.qkv_weight`). A decode loop computes them
-    once, before the loop, and passes them as `weights`: XLA does not hoist
-    the concatenation out of a while loop, and would run it every step."""
-    return [layer.self_attn.qkv_weight() for layer in self.decoder]
+    the parameters at every step, per decoder layer (`DecoderLayer.
+    decode_weights`: the merged q, k, v weights, and with cfg.norm_impl
+    'pallas' the LayerNorms folded into their GEMMs). A decode loop computes
+    them once, before the loop, and passes them as `weights`: XLA does not
+    hoist such work out of a while loop, and would run it every step."""
+    return [layer.decode_weights(self.cfg.norm_impl) for layer in self.decoder]
 
   def decode_step(self, ids_B: jax.Array, cache: Cache,
                   read_len: int | None = None,
@@ -481,12 +525,12 @@ class Transformer(nnx.Module):
                        & written_L[None, None, :]).reshape(rows, 1, beams * n)
     else:
       self_mask_B1L = jnp.broadcast_to(written_L, (rows, 1, n))
-    weights = weights or [None] * len(self.decoder)
+    weights = weights or self.decode_weights()
     layers = []
-    for layer, layer_cache, w_qkv in zip(self.decoder, cache['layers'], weights):
+    for layer, layer_cache, w in zip(self.decoder, cache['layers'], weights):
       x_B1D, layer_cache = layer.step(x_B1D, layer_cache, index, self_mask_B1L,
                                       cross_mask_B1S, read_len, cfg.attention_impl,
-                                      cfg.cache_layout, w_qkv, beams)
+                                      cfg.cache_layout, w, beams)
       layers.append(layer_cache)
     return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers,
                                         **extra)

@@ -81,7 +81,23 @@ def _decoding_cases():
 
 @pytest.mark.parametrize('variant,read_len,impl', list(_decoding_cases()))
 def test_incremental_decoding_equals_forward(variant, read_len, impl):
-  cfg = tiny(*VARIANTS[variant], attention_impl=impl[0], cache_layout=impl[1])
+  _check_decoding_equals_forward(
+      tiny(*VARIANTS[variant], attention_impl=impl[0], cache_layout=impl[1]), read_len)
+
+
+# The LayerNorms folded into their GEMMs (pallas_norm_gemm, interpreted here):
+# K = 1, 2 and the ring buffer, with each attention path that reads the
+# folded GEMMs' outputs (XLA's split, the Pallas kernel's merged rows).
+@pytest.mark.parametrize('variant,read_len,impl', [
+    ('mqa', None, ('xla', 'BKLH')), ('gqa', 'growing', ('xla', 'BLKH')),
+    ('mha_local', None, ('pallas', 'BKLH'))])
+def test_folded_layer_norms_decode_as_the_forward(variant, read_len, impl):
+  _check_decoding_equals_forward(
+      tiny(*VARIANTS[variant], attention_impl=impl[0], cache_layout=impl[1],
+           norm_impl='pallas'), read_len)
+
+
+def _check_decoding_equals_forward(cfg, read_len):
   model = Transformer(cfg, rngs=nnx.Rngs(1))
   src, tgt = batch()
   full = jax.jit(model)(src, tgt)  # [B, T, V]

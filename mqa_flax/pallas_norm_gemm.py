@@ -1,0 +1,160 @@
+"""A LayerNorm folded into the GEMM that reads it (incremental decoding).
+
+Each decoder layer's step normalises its residual rows [B, D] three times,
+and each normalised copy is read by one GEMM: the merged QKV projection,
+the cross-attention's query projection and the feed-forward's first layer.
+XLA writes the copy (one reduction kernel) and the GEMM reads it back: at
+the paper's shape 4.2 MB and one kernel per LayerNorm, 18 a step.
+
+The LayerNorm is affine in x once its row statistics are known:
+
+    LN(x) W + b = r ⊙ (x W') - (r μ) ⊗ c + d,
+    W' = diag(γ) W,  c = 1ᵀ W',  d = β W + b,
+
+with μ and r = 1 / sqrt(var + ε) each row's mean and inverse deviation.
+`fold` computes W' (in the compute dtype), c (the column sums of the
+rounded W', so that the centring cancels what the GEMM added) and d once
+per decode call. `norm_gemm` then reads the raw rows: each program
+accumulates x W' over D in blocks and, from the same blocks, each row's
+sum and sum of squares; its epilogue applies the statistics (and a ReLU).
+No extra pass over x, no normalised copy, one kernel.
+
+The variance is the mean of squares minus the squared mean (float32): a
+residual row whose mean is large against its deviation loses precision
+there and in the centring, where XLA's LayerNorm subtracts the mean first.
+The rows are rounded to the weights' dtype for the product, as XLA rounds
+the normalised rows.
+
+Dimension letters: B rows, D model width, N output columns.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_MIN_BLOCK = 16  # Triton's dot needs at least 16 rows and columns.
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=('w', 'colsum', 'shift'), meta_fields=('columns', 'eps'))
+@dataclasses.dataclass(frozen=True)
+class Folded:
+  """A LayerNorm and the dense layer after it, as `norm_gemm` takes them
+  (a pytree: its arrays are leaves, N and ε static)."""
+  w: jax.Array  # [D, Np] W' = diag(γ) W in the compute dtype, Np >= N padded.
+  colsum: jax.Array  # [Np] float32, the column sums of w.
+  shift: jax.Array  # [Np] float32, β W + b.
+  columns: int  # N, the dense layer's own width.
+  eps: float  # The LayerNorm's ε.
+
+
+def _block(n: int, most: int) -> int:
+  """The largest power of 2 <= `most` dividing n, at least _MIN_BLOCK."""
+  block = most
+  while block > _MIN_BLOCK and n % block:
+    block //= 2
+  return block
+
+
+def fold(scale_D: jax.Array, bias_D: jax.Array, w_DN: jax.Array,
+         b_N: jax.Array | None, eps: float, dtype: jnp.dtype,
+         block_n: int = 128) -> Folded:
+  """LayerNorm (scale, bias, eps) then x W + b, for `norm_gemm`.
+
+  The columns are padded with zeros to a multiple of the output block where
+  N has no power-of-2 divisor >= 16 (odd small shapes; `norm_gemm` then
+  slices its output)."""
+  d, n = w_DN.shape
+  if d % _MIN_BLOCK:
+    raise ValueError(f"norm_impl='pallas' needs d_model a multiple of "
+                     f"{_MIN_BLOCK}, got {d}; use norm_impl='xla'")
+  w32 = w_DN.astype(jnp.float32)
+  w = (scale_D.astype(jnp.float32)[:, None] * w32).astype(dtype)
+  shift = bias_D.astype(jnp.float32) @ w32
+  if b_N is not None:
+    shift = shift + b_N.astype(jnp.float32)
+  pad = -n % _block(n, block_n) if n % _MIN_BLOCK else 0
+  if pad:
+    w, shift = jnp.pad(w, ((0, 0), (0, pad))), jnp.pad(shift, (0, pad))
+  return Folded(w, w.astype(jnp.float32).sum(axis=0), shift, n, float(eps))
+
+
+def _kernel(x_ref, w_ref, c_ref, d_ref, o_ref, *, block_d: int, width: int,
+            eps: float, relu: bool):
+  """Rows block i, columns block j: o = r (x W') - r μ c + d, [block_b, block_n]."""
+  block_b, block_n = o_ref.shape
+
+  def body(t, carry):
+    acc, s1, s2 = carry
+    cols = pl.ds(t * block_d, block_d)
+    x = x_ref[:, cols]
+    w = w_ref[cols, :]
+    xf = x.astype(jnp.float32)
+    acc += lax.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return acc, s1 + xf.sum(axis=1), s2 + (xf * xf).sum(axis=1)
+
+  zeros = jnp.zeros((block_b,), jnp.float32)
+  acc, s1, s2 = lax.fori_loop(
+      0, width // block_d, body,
+      (jnp.zeros((block_b, block_n), jnp.float32), zeros, zeros))
+  mean = s1 / width
+  r = lax.rsqrt(jnp.maximum(s2 / width - mean * mean, 0.0) + eps)
+  y = r[:, None] * acc - (r * mean)[:, None] * c_ref[...][None, :] + d_ref[...][None, :]
+  if relu:
+    y = jnp.maximum(y, 0.0)
+  o_ref[...] = y.astype(o_ref.dtype)
+
+
+def norm_gemm(x_BD: jax.Array, f: Folded, *, relu: bool = False,
+              block_b: int = 64, block_n: int = 128, block_d: int = 64,
+              interpret: bool | None = None, num_warps: int = 4,
+              num_stages: int = 3) -> jax.Array:
+  """LN(x) W + b (then ReLU if `relu`) for `f = fold(...)`: [B, N] in f.w's
+  dtype, from the raw rows x [B, D] in any float dtype.
+
+  Args:
+    x_BD: the residual rows.
+    f: the folded LayerNorm and weights.
+    relu: apply max(., 0) to the result.
+    block_b: rows per program, a power of 2 >= 16 (smaller for small B;
+      the rows are padded to a multiple of it).
+    block_n: columns per program at most (the largest power of 2 dividing
+      the padded width).
+    block_d: model width per step of the loop at most (likewise for D).
+    interpret: None runs Pallas' interpreter on CPU, the Triton kernel elsewhere.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining stages.
+  """
+  b, d = x_BD.shape
+  if f.w.shape[0] != d:
+    raise ValueError(f'x has width {d}, the folded weights {f.w.shape[0]}')
+  n_pad = f.w.shape[1]
+  block_b = min(block_b, max(_MIN_BLOCK, pl.next_power_of_2(b)))
+  block_n, block_d = _block(n_pad, block_n), _block(d, block_d)
+  rows = pl.cdiv(b, block_b) * block_b
+  if rows != b:  # Small or odd batches: pad the (small) rows.
+    x_BD = jnp.pad(x_BD, ((0, rows - b), (0, 0)))
+  # Row blocks vary fastest: the programs that run together share a block
+  # of W', which is then read from memory about once.
+  out = pl.pallas_call(
+      functools.partial(_kernel, block_d=block_d, width=d, eps=f.eps, relu=relu),
+      out_shape=jax.ShapeDtypeStruct((rows, n_pad), f.w.dtype),
+      grid=(n_pad // block_n, rows // block_b),
+      in_specs=[pl.BlockSpec((block_b, d), lambda j, i: (i, 0)),
+                pl.BlockSpec((d, block_n), lambda j, i: (0, j)),
+                pl.BlockSpec((block_n,), lambda j, i: (j,)),
+                pl.BlockSpec((block_n,), lambda j, i: (j,))],
+      out_specs=pl.BlockSpec((block_b, block_n), lambda j, i: (i, j)),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=num_stages),
+      interpret=jax.default_backend() == 'cpu' if interpret is None else interpret,
+      name='norm_gemm',
+  )(x_BD, f.w, f.colsum, f.shift)
+  if rows != b or n_pad != f.columns:
+    out = out[:b, :f.columns]
+  return out
