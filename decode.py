@@ -99,6 +99,11 @@ _B_GEMM_IMPLS = flags.DEFINE_list(
     "GEMMs, each 'xla' (XLA's choice: Triton fusions, autotuned against cuBLAS) or "
     "'cublas' (every GEMM a cuBLAS call, XLA's epilogues inside it), one row each; "
     "default: xla.")
+_B_NORM_IMPLS = flags.DEFINE_list(
+    'bench_norm_impls', [], "benchmark: where the decoder rows' LayerNorms run, "
+    "each 'xla' (a kernel each, its output read by the GEMM after it) or "
+    "'pallas' (folded into that GEMM, mqa_flax.pallas_norm_gemm), one row each; "
+    'default: the config value (config.decode.norm_impl).')
 _B_PROFILE = flags.DEFINE_bool(
     'bench_profile', False, 'benchmark: run each padded decoder row once more '
     'under the profiler; its row then carries `profile`, the measured time of '
@@ -132,6 +137,9 @@ flags.register_validator(
 flags.register_validator(
     'bench_gemm_impls', lambda v: set(v) <= {'xla', 'cublas'},
     '--bench_gemm_impls takes xla and/or cublas')
+flags.register_validator(
+    'bench_norm_impls', lambda v: set(v) <= {'xla', 'pallas'},
+    '--bench_norm_impls takes xla and/or pallas')
 flags.register_validator('alpha', lambda a: a is None or math.isfinite(a),
                          '--alpha must be a finite number >= 0')
 
@@ -238,6 +246,7 @@ def benchmark_mode() -> str:
       train_batch=train_rows, train_len=train_len, reps=_B_REPS.value,
       cache_modes=_B_CACHE_MODES.value, beam_caches=_B_BEAM_CACHES.value or None,
       seq_impls=_B_SEQ_IMPLS.value or None, gemm_impls=_B_GEMM_IMPLS.value or None,
+      norm_impls=_B_NORM_IMPLS.value or None,
       impls=benchmark.parse_impls(_B_IMPLS.value) or None,
       profile=_B_PROFILE.value, emit=emit)
   table = report.write_benchmark(rows, out)

@@ -18,8 +18,9 @@ median of `reps` calls, each ended by `jax.block_until_ready`. Rows, by kind:
   of a sentence, time / (sentences * tgt_len), as the paper counts.
 
 Decoder rows are timed for each requested (attention_impl, cache_layout,
-argmax_impl) (`ModelConfig` fields: how a step computes, never what;
-argmax_impl is greedy's argmax and beam search's top-k); one that fails to
+argmax_impl), beam cache, GEMM implementation and norm_impl (`ModelConfig`
+fields and a compile option: how a step computes, never what; argmax_impl
+is greedy's argmax and beam search's top-k); one that fails to
 compile or run gives an error row and the others go on, and each row can be
 written out as soon as it is measured (`emit`).
 
@@ -345,7 +346,8 @@ def run(variants: dict[str, ModelConfig], *,
         seed: int = 0, impls: Sequence[tuple[str, str, str]] | None = None,
         beam_caches: Sequence[str] | None = None,
         seq_impls: Sequence[str] | None = None,
-        gemm_impls: Sequence[str] | None = None, profile: bool = False,
+        gemm_impls: Sequence[str] | None = None,
+        norm_impls: Sequence[str] | None = None, profile: bool = False,
         emit: Callable[[dict], None] | None = None,
         opt_config: ml_collections.ConfigDict | None = None) -> list[dict]:
   """Times each kind for each variant; returns one dict per benchmark row.
@@ -372,6 +374,8 @@ def run(variants: dict[str, ModelConfig], *,
       each, in this order, with field `beam_cache` (default: the variant's own).
     gemm_impls: GEMM_IMPLS values; each decoder row is timed for each, in this
       order, with field `gemm_impl` (default: 'xla').
+    norm_impls: `ModelConfig.norm_impl` values; each decoder row is timed for
+      each, in this order, with field `norm_impl` (default: the variant's own).
     profile: each padded decoder row also runs once under the profiler and
       carries `profile`, its loop's measured kernel times beside their bytes
       (`kernel_times.per_step`; `{'error': ...}` where profiling failed).
@@ -415,7 +419,7 @@ def run(variants: dict[str, ModelConfig], *,
       return abstract_model(cfg)[0]
 
     def measure(kind, cache, batch, impl, layout, argmax, fn, beam_cache=None,
-                seq_impl=None, gemm=None):
+                seq_impl=None, gemm=None, norm=None):
       try:
         row = fn()
       except Exception as err:  # pylint: disable=broad-except
@@ -426,6 +430,8 @@ def run(variants: dict[str, ModelConfig], *,
         row['seq_attention_impl'] = seq_impl
       if gemm:
         row['gemm_impl'] = gemm
+      if norm:
+        row['norm_impl'] = norm
       rows.append(row)
       if emit:
         emit(row)
@@ -433,14 +439,15 @@ def run(variants: dict[str, ModelConfig], *,
 
     first_tokens = {}  # (batch, beams) -> (the first row's label, its tokens).
 
-    def decoder_row(b, beams, mode, impl, layout, argmax, beam_cache, gemm):
+    def decoder_row(b, beams, mode, impl, layout, argmax, beam_cache, gemm, norm):
       cfg = dataclasses.replace(base_cfg, attention_impl=impl, cache_layout=layout,
-                                argmax_impl=argmax, beam_cache=beam_cache)
+                                argmax_impl=argmax, beam_cache=beam_cache,
+                                norm_impl=norm)
       row, tokens = _time_decoder(cfg, graph(cfg), infer, b, beams, mode, src_len,
                                   tgt_len, chunk, seed, d, timing, profile, gemm)
       label = tables.impl_label(dict(attention_impl=impl, cache_layout=layout,
                                      argmax_impl=argmax, beam_cache=beam_cache,
-                                     gemm_impl=gemm))
+                                     gemm_impl=gemm, norm_impl=norm))
       ref_label, ref = first_tokens.setdefault((b, beams), (f'{label} {mode}', tokens))
       if ref is not tokens:
         row.update(tokens_reference=ref_label,
@@ -467,10 +474,11 @@ def run(variants: dict[str, ModelConfig], *,
       for b, beams, mode in decoders:
         for beam_cache in caches if beams > 1 else [base_cfg.beam_cache]:
           for gemm in gemm_impls or ['xla']:
-            measure(decoding.search_name(beams), mode, b, impl, layout, argmax,
-                    functools.partial(decoder_row, b, beams, mode, impl, layout, argmax,
-                                      beam_cache, gemm),
-                    beam_cache if beams > 1 else None, gemm=gemm)
+            for norm in norm_impls or [base_cfg.norm_impl]:
+              measure(decoding.search_name(beams), mode, b, impl, layout, argmax,
+                      functools.partial(decoder_row, b, beams, mode, impl, layout,
+                                        argmax, beam_cache, gemm, norm),
+                      beam_cache if beams > 1 else None, gemm=gemm, norm=norm)
     for seq in seqs if 'train' in kinds else []:
       measure('train', None, train_batch, 'xla', base_cfg.cache_layout, None,
               functools.partial(train_row, seq), seq_impl=seq)

@@ -182,11 +182,11 @@ class DecoderLayer(nnx.Module):
     `decode_weights`): [B, 1, N + 2K, H] for 'qkv', [B, 1, N, H] for 'q',
     [B, 1, F] for 'ffn' (after its ReLU), in the compute dtype."""
     w = weights.get(part)
-    if part == 'qkv' and isinstance(w, jax.Array):
-      return self.self_attn.project_qkv(self.ln1(x_B1D), w)
-    if w is None:
-      return (self.cross_attn.project_q(self.ln2(x_B1D)) if part == 'q' else
-              self.ffn.hidden(self.ln3(x_B1D)))
+    if w is None or isinstance(w, jax.Array):  # XLA's LayerNorm, then the GEMM.
+      ln, dense = {'qkv': (self.ln1, lambda h: self.self_attn.project_qkv(h, w)),
+                   'q': (self.ln2, self.cross_attn.project_q),
+                   'ffn': (self.ln3, self.ffn.hidden)}[part]
+      return dense(ln(x_B1D))
     from mqa_flax import pallas_norm_gemm  # pylint: disable=g-import-not-at-top
     y = pallas_norm_gemm.norm_gemm(x_B1D[:, 0], w, relu=part == 'ffn',
                                    interpret=not for_gpu())

@@ -162,13 +162,16 @@ def detail_row(r: dict[str, Any], with_impl: bool = False) -> list[str]:
 def impl_label(r: dict[str, Any]) -> str:
   """'attention_impl/cache_layout' of a benchmark row (old rows: xla/BLKH),
   then '/argmax_impl' where greedy's argmax or beam's top-k is not XLA's,
-  '/pointers' for beam rows whose K/V stay put (beam_cache 'pointers') and
-  '/cublas' for programs whose GEMMs are all cuBLAS's (gemm_impl)."""
+  '/pointers' for beam rows whose K/V stay put (beam_cache 'pointers'),
+  '/cublas' for programs whose GEMMs are all cuBLAS's (gemm_impl) and
+  '/norm' where the LayerNorms are folded into their GEMMs (norm_impl
+  'pallas')."""
   label = f"{r.get('attention_impl') or 'xla'}/{r.get('cache_layout') or 'BLKH'}"
   argmax = r.get('argmax_impl')
   label = label if argmax in (None, 'xla') else f'{label}/{argmax}'
   label += '/pointers' if r.get('beam_cache') == 'pointers' else ''
-  return label + ('/cublas' if r.get('gemm_impl') == 'cublas' else '')
+  label += '/cublas' if r.get('gemm_impl') == 'cublas' else ''
+  return label + ('/norm' if r.get('norm_impl') == 'pallas' else '')
 
 
 def peer_ratios(bench: Sequence[dict[str, Any]]) -> str:

@@ -127,6 +127,7 @@ UNITS = (
     Unit('table2-beam', 'table2', ('beam',)),
     Unit('table2-seq', 'table2', ('seq',)),
     Unit('table2-gemm', 'table2', ('gemm',)),
+    Unit('table2-norm', 'table2', ('norm',)),
 )
 # Table 2 parts: `decode.py --mode=benchmark` flags at the paper's shape
 # (configs/paper.py, random weights, bf16; beam 4 at 256 sentences).
@@ -148,6 +149,10 @@ BENCH = {
     'gemm': ('--variants=mha,mqa,gqa2', '--bench_batch=1024', '--bench_kinds=greedy,beam4',
              '--bench_cache_modes=padded', '--bench_impls=pallas/BKLH/pallas',
              '--bench_beam_caches=pointers', '--bench_gemm_impls=cublas'),
+    'norm': ('--variants=mha,mqa,gqa2', '--bench_batch=1024', '--bench_kinds=greedy,beam4',
+             '--bench_cache_modes=padded', '--bench_impls=pallas/BKLH/pallas',
+             '--bench_beam_caches=pointers', '--bench_gemm_impls=cublas',
+             '--bench_norm_impls=pallas'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
               '--bench_kinds=greedy,beam4'),
     'batches': ('--variants=mha,mqa,gqa2', '--bench_batch=128,8',
@@ -174,15 +179,15 @@ STEPS = {False: 2520, True: 20}
 # the seq part (mha's and mqa's training step and encoder with cuDNN's
 # attention) two training rows of about 42 s (the train part's 125 s of
 # three) and two encoder rows, about 100 s; the GEMM part's six decoder rows
-# (cuBLAS's GEMMs) about 15 s each, 90 s.
+# (cuBLAS's GEMMs) about 15 s each, 90 s; the norm part's six as many.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
             impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=396,
-            seq=100, gemm=90)
+            seq=100, gemm=90, norm=90)
 H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls',
-                'beam', 'seq', 'gemm'}
+                'beam', 'seq', 'gemm', 'norm'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
             impls=40, peer=30, train=15, local=30, batches=25, pallas=15, beam=85, seq=15,
-            gemm=15)
+            gemm=15, norm=15)
 
 
 class JobError(Exception):
@@ -206,7 +211,7 @@ class Estimates:
     self.src = {k: 'guess' if (k in H100_GUESSED and not tiny) else fallback for k in self.v}
     mine = [r for r in rows if r.get('device_kind') == kind and r.get('ok')]
     for key in ('smoke', 'main', 'impls', 'peer', 'train', 'local', 'batches',
-                'pallas', 'beam', 'seq', 'gemm'):
+                'pallas', 'beam', 'seq', 'gemm', 'norm'):
       item = 'smoke' if key == 'smoke' else f'table2/{key}'
       self._measured(key, [r['seconds'] for r in mine if r.get('item') == item], kind)
     runs = [r for r in mine if r.get('step_s') and r.get('steps_run')]

@@ -256,6 +256,20 @@ def test_decoder_rows_for_each_gemm_impl(monkeypatch, tmp_path):
     benchmark.gemm_options('triton')
 
 
+def test_decoder_rows_for_each_norm_impl(tmp_path):
+  # The LayerNorms folded into their GEMMs decode the same tokens (Pallas'
+  # interpreter here, float32).
+  rows = benchmark.run({'gqa': tiny(2)}, batch=4, src_len=S, tgt_len=T,
+                       kinds=('greedy', 'beam4'), cache_modes=('padded',), reps=1,
+                       beam_batch=2, norm_impls=('xla', 'pallas'))
+  assert [(r['kind'], r['norm_impl']) for r in rows] == [
+      ('greedy', 'xla'), ('greedy', 'pallas'), ('beam4', 'xla'), ('beam4', 'pallas')]
+  for r in rows[1::2]:
+    assert (r['tokens_reference'], r['tokens_same_fraction']) == ('xla/BLKH padded', 1.0)
+  text = report.write_benchmark(rows, str(tmp_path))
+  assert 'gqa (xla/BLKH/norm)' in text and 'gqa (xla/BLKH)' in text
+
+
 def test_encoder_and_train_rows_for_each_seq_impl(monkeypatch, tmp_path):
   # cuDNN's attention runs here as jax's XLA version of the same call; a
   # float32 model cannot take it and gets error rows, the others go on.

@@ -131,6 +131,10 @@ def test_bad_impl_or_layout_is_refused():
     tiny(cache_layout='LBKH')
   with pytest.raises(ValueError, match='argmax_impl'):
     tiny(argmax_impl='cuda')
+  with pytest.raises(ValueError, match='norm_impl'):
+    tiny(norm_impl='fused')
+  with pytest.raises(ValueError, match="d_model a multiple of 16, got 24; use norm_impl='xla'"):
+    tiny(d_model=24, norm_impl='pallas')
 
 
 @pytest.mark.parametrize('argmax', ['xla', 'pallas'])
