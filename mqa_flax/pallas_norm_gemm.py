@@ -62,13 +62,11 @@ def _block(n: int, most: int) -> int:
 
 
 def fold(scale_D: jax.Array, bias_D: jax.Array, w_DN: jax.Array,
-         b_N: jax.Array | None, eps: float, dtype: jnp.dtype,
-         block_n: int = 128) -> Folded:
+         b_N: jax.Array | None, eps: float, dtype: jnp.dtype) -> Folded:
   """LayerNorm (scale, bias, eps) then x W + b, for `norm_gemm`.
 
-  The columns are padded with zeros to a multiple of the output block where
-  N has no power-of-2 divisor >= 16 (odd small shapes; `norm_gemm` then
-  slices its output)."""
+  Where N is not a multiple of 16 (odd small shapes) the columns are padded
+  with zeros to one, and `norm_gemm` slices its output."""
   d, n = w_DN.shape
   if d % _MIN_BLOCK:
     raise ValueError(f"norm_impl='pallas' needs d_model a multiple of "
@@ -78,7 +76,7 @@ def fold(scale_D: jax.Array, bias_D: jax.Array, w_DN: jax.Array,
   shift = bias_D.astype(jnp.float32) @ w32
   if b_N is not None:
     shift = shift + b_N.astype(jnp.float32)
-  pad = -n % _block(n, block_n) if n % _MIN_BLOCK else 0
+  pad = -n % _MIN_BLOCK
   if pad:
     w, shift = jnp.pad(w, ((0, 0), (0, pad))), jnp.pad(shift, (0, pad))
   return Folded(w, w.astype(jnp.float32).sum(axis=0), shift, n, float(eps))
