@@ -143,8 +143,9 @@ class Kernel:
   (in place; how much of it the kernel writes is not in the HLO).
   `outputs`: (bytes written, updated in place) per result.
   `flops`: the multiply-adds of its dots, times 2 (GEMM fusions, library
-  GEMMs, the Pallas output-GEMM and LayerNorm-GEMM kernels and cuDNN's fused attention; 0 for
-  everything else, whose arithmetic is small beside its bytes).
+  GEMMs, the Pallas output-GEMM and LayerNorm-GEMM kernels and cuDNN's
+  fused attention; 0 for everything else, whose arithmetic is small beside
+  its bytes).
   """
 
   name: str

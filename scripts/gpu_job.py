@@ -179,7 +179,8 @@ STEPS = {False: 2520, True: 20}
 # the seq part (mha's and mqa's training step and encoder with cuDNN's
 # attention) two training rows of about 42 s (the train part's 125 s of
 # three) and two encoder rows, about 100 s; the GEMM part's six decoder rows
-# (cuBLAS's GEMMs) about 15 s each, 90 s; the norm part's six as many.
+# (cuBLAS's GEMMs) about 15 s each, 90 s, and the norm part's six (the same
+# rows, LayerNorms folded) as long.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
             impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=396,
             seq=100, gemm=90, norm=90)
