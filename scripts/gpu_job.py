@@ -148,11 +148,11 @@ BENCH = {
             '--bench_seq_impls=cudnn'),
     'gemm': ('--variants=mha,mqa,gqa2', '--bench_batch=1024', '--bench_kinds=greedy,beam4',
              '--bench_cache_modes=padded', '--bench_impls=pallas/BKLH/pallas',
-             '--bench_beam_caches=pointers', '--bench_gemm_impls=cublas'),
+             '--bench_beam_caches=pointers', '--bench_gemm_impls=cublas', '--bench_profile'),
     'norm': ('--variants=mha,mqa,gqa2', '--bench_batch=1024', '--bench_kinds=greedy,beam4',
              '--bench_cache_modes=padded', '--bench_impls=pallas/BKLH/pallas',
              '--bench_beam_caches=pointers', '--bench_gemm_impls=cublas',
-             '--bench_norm_impls=pallas'),
+             '--bench_norm_impls=pallas', '--bench_profile'),
     'local': ('--variants=mha_local,mqa_local', '--bench_batch=1024',
               '--bench_kinds=greedy,beam4'),
     'batches': ('--variants=mha,mqa,gqa2', '--bench_batch=128,8',
@@ -179,11 +179,11 @@ STEPS = {False: 2520, True: 20}
 # the seq part (mha's and mqa's training step and encoder with cuDNN's
 # attention) two training rows of about 42 s (the train part's 125 s of
 # three) and two encoder rows, about 100 s; the GEMM part's six decoder rows
-# (cuBLAS's GEMMs) about 15 s each, 90 s, and the norm part's six (the same
+# (cuBLAS's GEMMs) about 15 s each, 90 + 9, and the norm part's six (the same
 # rows, LayerNorms folded) as long.
 H100 = dict(step_s=1 / 29, fixed_s=80, decode_s=90, convert_s=20, smoke=30, main=125,
             impls=132, peer=160, train=125, local=90, batches=90, pallas=149, beam=396,
-            seq=100, gemm=90, norm=90)
+            seq=100, gemm=99, norm=99)
 H100_GUESSED = {'decode_s', 'convert_s', 'smoke', 'local', 'batches', 'pallas', 'impls',
                 'beam', 'seq', 'gemm', 'norm'}
 TINY = dict(step_s=0.06, fixed_s=20, decode_s=20, convert_s=10, smoke=30, main=50,
