@@ -44,11 +44,12 @@ def test_bfloat16_within_its_rounding():
   # the normalised rows (XLA) or of diag(scale) W (here), a few bf16 ulps.
   ln, x, w, bias = _case(64, 256, 128, mean=1.0)
   f = fold(ln.scale[...], ln.bias[...], w, bias, ln.epsilon, jnp.bfloat16)
-  got = norm_gemm(x.astype(jnp.bfloat16), f).astype(jnp.float32)
+  got = norm_gemm(x.astype(jnp.bfloat16), f)
+  assert got.dtype == jnp.bfloat16  # The weights' dtype.
+  got = got.astype(jnp.float32)
   ref = _reference(ln, x, w, bias, jnp.bfloat16, False)
   exact = _reference(ln, x.astype(jnp.bfloat16).astype(jnp.float32), w, bias,
                      jnp.float32, False)
-  assert got.dtype == jnp.float32
   scale = float(jnp.abs(exact).max())
   err_here = float(jnp.abs(got - exact).max())
   err_xla = float(jnp.abs(ref - exact).max())
