@@ -403,18 +403,30 @@ class Transformer(nnx.Module):
     layers = [dict(c, k=take(c['k']), v=take(c['v'])) for c in cache['layers']]
     return dict(cache, layers=layers)
 
-  def decode_weights(self) -> list[dict[str, Any]]:
-    """Weights that `decode_step` and `next_token` would otherwise derive from
-    the parameters at every step, per decoder layer (`DecoderLayer.
-    decode_weights`: the merged q, k, v weights, and with cfg.norm_impl
-    'pallas' the LayerNorms folded into their GEMMs). A decode loop computes
-    them once, before the loop, and passes them as `weights`: XLA does not
-    hoist such work out of a while loop, and would run it every step."""
-    return [layer.decode_weights(self.cfg.norm_impl) for layer in self.decoder]
+  def decode_weights(self) -> dict[str, Any]:
+    """Weights that `decode_step`, `next_token` and `candidates` would
+    otherwise derive from the parameters at every step: 'layers', per
+    decoder layer (`DecoderLayer.decode_weights`: the merged q, k, v weights,
+    and with cfg.norm_impl 'pallas' the LayerNorms folded into their GEMMs);
+    with norm_impl and argmax_impl both 'pallas', 'output': the output
+    embedding with the final LayerNorm folded in (`pallas_norm_gemm.fold(...,
+    table=True)`), for the fused output kernels. A decode loop computes them
+    once, before the loop, and passes them as `weights`: XLA does not hoist
+    such work out of a while loop, and would run it every step."""
+    cfg = self.cfg
+    weights = {'layers': [layer.decode_weights(cfg.norm_impl)
+                          for layer in self.decoder]}
+    if cfg.norm_impl == 'pallas' and cfg.argmax_impl == 'pallas':
+      from mqa_flax import pallas_norm_gemm  # pylint: disable=g-import-not-at-top
+      ln = self.decoder_ln
+      weights['output'] = pallas_norm_gemm.fold(
+          ln.scale[...], ln.bias[...], self.embed[...], None, ln.epsilon,
+          cfg.compute_dtype, table=True)
+    return weights
 
   def decode_step(self, ids_B: jax.Array, cache: Cache,
                   read_len: int | None = None,
-                  weights: list[jax.Array] | None = None
+                  weights: dict[str, Any] | None = None
                   ) -> tuple[jax.Array, Cache]:
     """Logits [B, V] (compute dtype) for the next token after `ids_B`, and the
     updated cache.
@@ -423,14 +435,14 @@ class Transformer(nnx.Module):
     slots; it must exceed the current index (a 'pointers' beam cache is read
     whole). `weights`: `decode_weights()`, or None to derive them here.
     """
-    h_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
+    x_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
     # Logits in the compute dtype: with bf16 the step writes [B, V] bf16 and
     # the search reads it (half the bytes of float32; greedy's argmax reads
     # the rounded values, beam search casts them to float32).
-    return self.logits(h_B1D, self.cfg.compute_dtype)[:, 0], cache
+    return self.logits(self.decoder_ln(x_B1D), self.cfg.compute_dtype)[:, 0], cache
 
   def next_token(self, ids_B: jax.Array, cache: Cache, read_len: int | None = None,
-                 min_id: int = 0, weights: list[jax.Array] | None = None
+                 min_id: int = 0, weights: dict[str, Any] | None = None
                  ) -> tuple[jax.Array, Cache]:
     """Greedy decoding's step: the argmax token [B] int32 after `ids_B` (of the
     ids >= `min_id`), and the updated cache (`read_len` and `weights` as in
@@ -445,13 +457,13 @@ class Transformer(nnx.Module):
       logits_BV, cache = self._masked_logits(ids_B, cache, read_len, min_id, weights)
       return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
     from mqa_flax import pallas_argmax  # pylint: disable=g-import-not-at-top
-    x_BD, cache = self._output_rows(ids_B, cache, read_len, weights)
-    return pallas_argmax.logits_argmax(x_BD, self._output_table(), min_id=min_id,
+    x_BD, table, cache = self._output_rows(ids_B, cache, read_len, weights)
+    return pallas_argmax.logits_argmax(x_BD, table, min_id=min_id,
                                        interpret=not for_gpu()), cache
 
   def candidates(self, ids_B: jax.Array, cache: Cache, read_len: int | None = None,
                  *, k: int, eos_id: int, min_id: int = 0,
-                 weights: list[jax.Array] | None = None
+                 weights: dict[str, Any] | None = None
                  ) -> tuple[decoding.Candidates, Cache]:
     """Beam search's step: each row's k most likely next tokens (of the ids
     >= `min_id`) after `ids_B`, and the updated cache (`read_len` and
@@ -466,17 +478,15 @@ class Transformer(nnx.Module):
       logits_BV, cache = self._masked_logits(ids_B, cache, read_len, min_id, weights)
       return decoding.candidates(logits_BV, k, eos_id), cache
     from mqa_flax import pallas_argmax  # pylint: disable=g-import-not-at-top
-    x_BD, cache = self._output_rows(ids_B, cache, read_len, weights)
-    table_VD = self._output_table()
+    x_BD, table, cache = self._output_rows(ids_B, cache, read_len, weights)
     top_Bk, ids_Bk, log_z_B = pallas_argmax.logits_top_k(
-        x_BD, table_VD, k, min_id=min_id, interpret=not for_gpu())
-    eos_B = jnp.einsum('BD,D->B', x_BD, table_VD[eos_id],
-                       preferred_element_type=jnp.float32)
+        x_BD, table, k, min_id=min_id, interpret=not for_gpu())
+    eos_B = pallas_argmax.logits_of(x_BD, table, eos_id)
     return decoding.Candidates(top_Bk - log_z_B[:, None], ids_Bk,
                                eos_B - log_z_B), cache
 
   def _masked_logits(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
-                     min_id: int, weights: list[jax.Array] | None
+                     min_id: int, weights: dict[str, Any] | None
                      ) -> tuple[jax.Array, Cache]:
     """`decode_step`'s logits, -inf below `min_id`."""
     logits_BV, cache = self.decode_step(ids_B, cache, read_len, weights)
@@ -485,20 +495,27 @@ class Transformer(nnx.Module):
     return logits_BV, cache
 
   def _output_rows(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
-                   weights: list[jax.Array] | None) -> tuple[jax.Array, Cache]:
-    """The fused output kernels' rows: the final LayerNorm's output [B, D] in
-    the compute dtype, and the updated cache."""
-    h_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
-    return h_B1D[:, 0].astype(self.cfg.compute_dtype), cache
+                   weights: dict[str, Any] | None
+                   ) -> tuple[jax.Array, Any, Cache]:
+    """The fused output kernels' rows [B, D] and table, and the updated cache:
+    the final LayerNorm's output in the compute dtype and the output
+    embedding or, where `weights` has the folded 'output' table, the rows
+    that LayerNorm reads and that table."""
+    weights = weights or self.decode_weights()
+    x_B1D, cache = self._decoder_step(ids_B, cache, read_len, weights)
+    if 'output' in weights:
+      return x_B1D[:, 0], weights['output'], cache
+    h_BD = self.decoder_ln(x_B1D)[:, 0].astype(self.cfg.compute_dtype)
+    return h_BD, self._output_table(), cache
 
   def _output_table(self) -> jax.Array:
     """The tied output embedding [V, D] in the compute dtype."""
     return self.embed[...].astype(self.cfg.compute_dtype)
 
   def _decoder_step(self, ids_B: jax.Array, cache: Cache, read_len: int | None,
-                    weights: list[jax.Array] | None) -> tuple[jax.Array, Cache]:
-    """The decoder stack over one position: the final LayerNorm's output
-    [B, 1, D] and the updated cache."""
+                    weights: dict[str, Any] | None) -> tuple[jax.Array, Cache]:
+    """The decoder stack over one position: the rows the final LayerNorm
+    reads, [B, 1, D], and the updated cache."""
     index = cache['index']
     rows = ids_B.shape[0]
     x_B1D = self._embed(ids_B[:, None], jnp.full((rows, 1), index), 'tgt')
@@ -527,13 +544,13 @@ class Transformer(nnx.Module):
       self_mask_B1L = jnp.broadcast_to(written_L, (rows, 1, n))
     weights = weights or self.decode_weights()
     layers = []
-    for layer, layer_cache, w in zip(self.decoder, cache['layers'], weights):
+    for layer, layer_cache, w in zip(self.decoder, cache['layers'],
+                                     weights['layers']):
       x_B1D, layer_cache = layer.step(x_B1D, layer_cache, index, self_mask_B1L,
                                       cross_mask_B1S, read_len, cfg.attention_impl,
                                       cfg.cache_layout, w, beams)
       layers.append(layer_cache)
-    return self.decoder_ln(x_B1D), dict(cache, index=index + 1, layers=layers,
-                                        **extra)
+    return x_B1D, dict(cache, index=index + 1, layers=layers, **extra)
 
 
 def _segments(tokens: jax.Array, segmentation: jax.Array | None) -> jax.Array:

@@ -46,8 +46,9 @@ _MIN_BLOCK = 16  # Triton's dot needs at least 16 rows and columns.
 class Folded:
   """A LayerNorm and the dense layer after it, as `norm_gemm` takes them
   (a pytree: its arrays are leaves, N and ε static)."""
-  w: jax.Array  # [D, Np] W' = diag(γ) W in the compute dtype, Np >= N padded.
-  colsum: jax.Array  # [Np] float32, the column sums of w.
+  w: jax.Array  # [D, Np] W' = diag(γ) W in the compute dtype, Np >= N padded
+  #   (or, from `fold(..., table=True)`, [N, D] E' = E diag(γ)).
+  colsum: jax.Array  # [Np] float32, the sums of w over D.
   shift: jax.Array  # [Np] float32, β W + b.
   columns: int  # N, the dense layer's own width.
   eps: float  # The LayerNorm's ε.
@@ -61,25 +62,47 @@ def _block(n: int, most: int) -> int:
   return block
 
 
-def fold(scale_D: jax.Array, bias_D: jax.Array, w_DN: jax.Array,
-         b_N: jax.Array | None, eps: float, dtype: jnp.dtype) -> Folded:
-  """LayerNorm (scale, bias, eps) then x W + b, for `norm_gemm`.
+def fold(scale_D: jax.Array, bias_D: jax.Array, w: jax.Array,
+         b_N: jax.Array | None, eps: float, dtype: jnp.dtype, *,
+         table: bool = False) -> Folded:
+  """LayerNorm (scale, bias, eps) then x W + b: for `norm_gemm`, w is W [D, N].
 
-  Where N is not a multiple of 16 (odd small shapes) the columns are padded
-  with zeros to one, and `norm_gemm` slices its output."""
-  d, n = w_DN.shape
+  With `table`, w is an output embedding E [N, D] and the product is the
+  logits x Eᵀ, for `pallas_argmax`'s kernels: its w stays in E's layout, as
+  they read it, and unpadded. Otherwise, where N is not a multiple of 16
+  (odd small shapes), the columns are padded with zeros to one, and
+  `norm_gemm` slices its output."""
+  axis = 1 if table else 0  # w's D axis.
+  d = w.shape[axis]
   if d % _MIN_BLOCK:
     raise ValueError(f"norm_impl='pallas' needs d_model a multiple of "
                      f"{_MIN_BLOCK}, got {d}; use norm_impl='xla'")
-  w32 = w_DN.astype(jnp.float32)
-  w = (scale_D.astype(jnp.float32)[:, None] * w32).astype(dtype)
-  shift = bias_D.astype(jnp.float32) @ w32
+  n = w.shape[1 - axis]
+  w32 = w.astype(jnp.float32)
+  scale = scale_D.astype(jnp.float32)
+  w = ((scale[None, :] if table else scale[:, None]) * w32).astype(dtype)
+  shift = jnp.tensordot(bias_D.astype(jnp.float32), w32, axes=(0, axis))
   if b_N is not None:
     shift = shift + b_N.astype(jnp.float32)
-  pad = -n % _MIN_BLOCK
+  pad = 0 if table else -n % _MIN_BLOCK
   if pad:
     w, shift = jnp.pad(w, ((0, 0), (0, pad))), jnp.pad(shift, (0, pad))
-  return Folded(w, w.astype(jnp.float32).sum(axis=0), shift, n, float(eps))
+  return Folded(w, w.astype(jnp.float32).sum(axis=axis), shift, n, float(eps))
+
+
+def row_stats(s1_B: jax.Array, s2_B: jax.Array, width: int, eps: float
+              ) -> tuple[jax.Array, jax.Array]:
+  """Each row's mean μ and inverse deviation r from its sum and sum of
+  squares over `width` values (float32, inside a kernel)."""
+  mean = s1_B / width
+  return mean, lax.rsqrt(jnp.maximum(s2_B / width - mean * mean, 0.0) + eps)
+
+
+def apply_norm(acc_BN: jax.Array, mean_B: jax.Array, r_B: jax.Array,
+               colsum_N: jax.Array, shift_N: jax.Array) -> jax.Array:
+  """LN(x) W + b from acc = x W' and the rows' statistics (see above)."""
+  return (r_B[:, None] * acc_BN - (r_B * mean_B)[:, None] * colsum_N[None, :]
+          + shift_N[None, :])
 
 
 def _kernel(x_ref, w_ref, c_ref, d_ref, o_ref, *, block_d: int, width: int,
@@ -100,9 +123,7 @@ def _kernel(x_ref, w_ref, c_ref, d_ref, o_ref, *, block_d: int, width: int,
   acc, s1, s2 = lax.fori_loop(
       0, width // block_d, body,
       (jnp.zeros((block_b, block_n), jnp.float32), zeros, zeros))
-  mean = s1 / width
-  r = lax.rsqrt(jnp.maximum(s2 / width - mean * mean, 0.0) + eps)
-  y = r[:, None] * acc - (r * mean)[:, None] * c_ref[...][None, :] + d_ref[...][None, :]
+  y = apply_norm(acc, *row_stats(s1, s2, width, eps), c_ref[...], d_ref[...])
   if relu:
     y = jnp.maximum(y, 0.0)
   o_ref[...] = y.astype(o_ref.dtype)

@@ -97,8 +97,22 @@ def test_folded_layer_norms_decode_as_the_forward(variant, read_len, impl):
            norm_impl='pallas'), read_len)
 
 
+def _random_norms(model: Transformer) -> Transformer:
+  """`model` with every LayerNorm's scale and bias random (they start as 1
+  and 0, which a folded LayerNorm would get right whatever it did with them)."""
+  key = jax.random.key(7)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.LayerNorm):
+      key, ks, kb = jax.random.split(key, 3)
+      module.scale[...] = 1 + 0.3 * jax.random.normal(ks, module.scale.shape)
+      module.bias[...] = 0.3 * jax.random.normal(kb, module.bias.shape)
+  return model
+
+
 def _check_decoding_equals_forward(cfg, read_len):
   model = Transformer(cfg, rngs=nnx.Rngs(1))
+  if cfg.norm_impl == 'pallas':
+    _random_norms(model)
   src, tgt = batch()
   full = jax.jit(model)(src, tgt)  # [B, T, V]
   dec_in = shift_right(tgt, (tgt != 0).astype(jnp.int32))
@@ -137,12 +151,18 @@ def test_bad_impl_or_layout_is_refused():
     tiny(d_model=24, norm_impl='pallas')
 
 
-@pytest.mark.parametrize('argmax', ['xla', 'pallas'])
-def test_next_token_is_the_argmax_of_decode_step(argmax):
+# The output kernels: XLA's; the Pallas ones after XLA's final LayerNorm;
+# the Pallas ones with it folded into their table.
+_OUTPUT_IMPLS = [('xla', 'xla'), ('pallas', 'xla'), ('pallas', 'pallas')]
+
+
+@pytest.mark.parametrize('argmax,norm', _OUTPUT_IMPLS)
+def test_next_token_is_the_argmax_of_decode_step(argmax, norm):
   # Greedy's step, either way, picks the largest logit of decode_step's (ids
   # >= min_id), updates the cache the same, and greedy search decodes the
   # same tokens from it as from the logits.
-  model = Transformer(tiny(4, 1, argmax_impl=argmax), rngs=nnx.Rngs(1))
+  model = _random_norms(Transformer(tiny(4, 1, argmax_impl=argmax, norm_impl=norm),
+                                   rngs=nnx.Rngs(1)))
   src, tgt = batch()
   cache = model.init_cache(model.encode(src), src, max_len=tgt.shape[1])
   ref_cache = cache
@@ -161,13 +181,14 @@ def test_next_token_is_the_argmax_of_decode_step(argmax):
   np.testing.assert_array_equal(search(model.next_token), search(model.decode_step))
 
 
-@pytest.mark.parametrize('argmax', ['xla', 'pallas'])
-def test_candidates_are_the_top_of_decode_steps_log_softmax(argmax):
+@pytest.mark.parametrize('argmax,norm', _OUTPUT_IMPLS)
+def test_candidates_are_the_top_of_decode_steps_log_softmax(argmax, norm):
   # Beam search's step, either way, gives each row the k best tokens (ids
   # >= min_id) of decode_step's log-softmax over those ids, EOS's
   # log-probability, and the same cache; beam search finds from it what it
   # finds from the logits, with forced EOS (max_lens) too.
-  model = Transformer(tiny(4, 1, argmax_impl=argmax), rngs=nnx.Rngs(1))
+  model = _random_norms(Transformer(tiny(4, 1, argmax_impl=argmax, norm_impl=norm),
+                                   rngs=nnx.Rngs(1)))
   src, tgt = batch()
   cache = model.init_cache(model.encode(src), src, max_len=tgt.shape[1])
   for t in range(3):

@@ -1,12 +1,15 @@
 """The output GEMM's fused argmax and top-k (interpret mode on CPU) against
-jnp.argmax, lax.top_k and logsumexp of the float32 logits."""
+jnp.argmax, lax.top_k and logsumexp of the float32 logits, with the final
+LayerNorm folded into the table or not."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mqa_flax.pallas_argmax import logits_argmax, logits_top_k
+from mqa_flax.pallas_norm_gemm import fold
 
 
 def _logits(x, e):
@@ -26,10 +29,13 @@ def test_matches_argmax_of_float32_logits(b, d, v):
 
 
 def test_ties_go_to_the_smallest_index_across_tiles():
-  # Rows 70, 37 and 90 tie for the largest logit, in three tiles of 32.
+  # Rows 70, 37 and 90 tie for the largest logit, in three tiles of 32,
+  # walked by one program, by two (2 tiles, 2 tiles) or by one each.
   x = jnp.ones((3, 16), jnp.float32)
   e = jnp.zeros((100, 16), jnp.float32).at[jnp.array([70, 37, 90])].set(1.0)
-  np.testing.assert_array_equal(logits_argmax(x, e, block_v=32), [37, 37, 37])
+  for splits in (1, 2, None):
+    np.testing.assert_array_equal(logits_argmax(x, e, block_v=32, splits=splits),
+                                  [37, 37, 37])
 
 
 def test_ids_below_min_id_are_never_chosen():
@@ -42,6 +48,7 @@ def test_ids_below_min_id_are_never_chosen():
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(block_v=48), 'block_v must be a power of 2'),
+    (dict(splits=0), 'need splits >= 1'),
     (dict(min_id=50), 'min_id=50'),
 ])
 def test_bad_arguments_are_refused(kwargs, match):
@@ -100,3 +107,35 @@ def test_top_k_keeps_the_smallest_ids_of_a_tie_and_pads_with_minus_inf():
 def test_top_k_bad_arguments_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     logits_top_k(jnp.ones((2, 16)), jnp.ones((50, 16)), **kwargs)
+
+
+def _layer_norm(d, seed):
+  ks, kc = jax.random.split(jax.random.key(seed))
+  ln = nnx.LayerNorm(d, use_fast_variance=False, rngs=nnx.Rngs(0))
+  ln.scale[...] = 1 + 0.2 * jax.random.normal(ks, (d,))
+  ln.bias[...] = 0.2 * jax.random.normal(kc, (d,))
+  return ln
+
+
+@pytest.mark.parametrize('b,d,v,splits', [(5, 32, 64, None), (40, 48, 300, 2),
+                                          (16, 64, 1000, 3)])
+def test_folded_final_layer_norm_matches_its_logits(b, d, v, splits):
+  # Raw rows (mean 1, beside their spread) and the table with the LayerNorm
+  # folded in: the argmax, top k and log Σ exp of LN(x) Eᵀ, float32; D not a
+  # multiple of block_d (48) takes the masked loads in the statistics too.
+  kx, ke = jax.random.split(jax.random.key(v))
+  ln = _layer_norm(d, v)
+  x = jax.random.normal(kx, (b, d)) + 1.0
+  e = jax.random.normal(ke, (v, d))
+  table = fold(ln.scale[...], ln.bias[...], e, None, ln.epsilon, jnp.float32,
+               table=True)
+  logits = _logits(ln(x), e)
+  blocks = dict(splits=splits, block_b=32, block_v=32, block_d=32)
+  np.testing.assert_array_equal(logits_argmax(x, table, min_id=1, **blocks),
+                                jnp.argmax(logits.at[:, 0].set(-jnp.inf), axis=-1))
+  top, ids, log_z = logits_top_k(x, table, 4, min_id=1, **blocks)
+  logits = logits.at[:, 0].set(-jnp.inf)
+  want_top, want_ids = jax.lax.top_k(logits, 4)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(top, want_top, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(log_z, jax.nn.logsumexp(logits, axis=-1), rtol=2e-5)
