@@ -46,6 +46,7 @@ _MIN_ROWS = 16  # Triton's dot needs at least 16 rows per operand.
 # Programs a call aims at by default (splits of the vocabulary times blocks of
 # rows): about two per SM of an H100 or H200 (132 SMs).
 _PROGRAMS = 256
+_EVERY_TILE = 2**31 - 1  # As splits: one tile a program (at most one per tile).
 
 
 def _x_block(x_ref, i, *, block_d: int, width: int
@@ -228,7 +229,7 @@ def _call(kernel, x_BD: jax.Array, inputs: tuple[jax.Array, ...], block_b: int,
 
 
 def logits_argmax(x_BD: jax.Array, table: jax.Array | pallas_norm_gemm.Folded, *,
-                  min_id: int = 0, splits: int | None = None, block_b: int = 64,
+                  min_id: int = 0, splits: int | None = None, block_b: int = 128,
                   block_v: int = 128, block_d: int = 64,
                   interpret: bool | None = None, num_warps: int = 8,
                   num_stages: int = 3) -> jax.Array:
@@ -241,7 +242,7 @@ def logits_argmax(x_BD: jax.Array, table: jax.Array | pallas_norm_gemm.Folded, *
       folded in (`pallas_norm_gemm.fold(..., table=True)`).
     min_id: ids below it are never chosen (decoding never predicts padding).
     splits: programs per block of rows, each over V / splits of the
-      vocabulary; None: enough for about _PROGRAMS programs in all.
+      vocabulary; None: one tile each.
     block_b: rows per program, a power of 2 >= 16 (smaller for small B).
     block_v: vocabulary entries per tile, a power of 2 >= 16.
     block_d: model width per step of the GEMM loop, a power of 2 >= 16.
@@ -249,15 +250,17 @@ def logits_argmax(x_BD: jax.Array, table: jax.Array | pallas_norm_gemm.Folded, *
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
 
-  The defaults suit the paper's shape on an H100 or H200: 16 x 16 programs
-  of 8 warps for 1024 rows, each over 16 tiles, at 104 registers a thread
-  (100 with a folded table; ptxas, jax 0.10.2), so 2 programs an SM. One
-  tile a program at block_b = 128 would need 116 (130 folded); 16 tiles,
-  172 (180).
+  The defaults suit the paper's shape on an H100 or H200: 8 x 256
+  programs of 8 warps for 1024 rows, at 116 registers a thread (130 with a
+  folded table, so one program an SM; ptxas, jax 0.10.2). Programs over
+  several tiles write fewer partial results but need more registers (172
+  at 16 tiles), or, at block_b = 64 (104), read the table from L2 half as
+  often per row: 1.5 times the L2 traffic of 128 x 128 tiles.
   """
   b = x_BD.shape[0]
-  x_BD, inputs, block_b, splits, tile = _prepare(x_BD, table, min_id, splits, dict(
-      block_b=block_b, block_v=block_v, block_d=block_d))
+  x_BD, inputs, block_b, splits, tile = _prepare(
+      x_BD, table, min_id, _EVERY_TILE if splits is None else splits,
+      dict(block_b=block_b, block_v=block_v, block_d=block_d))
   padded = x_BD.shape[0]
   part_spec = pl.BlockSpec((None, block_b), lambda i, s: (s, i))
   best_SB, idx_SB = _call(

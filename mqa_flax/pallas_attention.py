@@ -43,11 +43,11 @@ def _query_block(beams: int, group: int) -> tuple[int, int]:
   return rp, max(pl.next_power_of_2(group), pl.cdiv(_MIN_ROWS, rp))
 
 
-def _kernel(q_ref, k_ref, v_ref, bias_ref, *refs, block_s: int,
+def _kernel(q_ref, k_ref, v_ref, valid_ref, *refs, block_s: int,
             seq_len: int, beams: int, group: int, scale: float, write: bool):
   """One (batch row b, kv head j): q [B*R, Q, H] at [b*R + r, j*G + g],
-  k/v [S, H] (positions >= seq_len unread), bias [R', S_pad] (query row
-  r*G + g takes bias row (r*G + g) // (R*G / R')) -> o [B*R, K*G, H] at the
+  k/v [S, H] (positions >= seq_len unread), valid [R', S_pad] int8 (query
+  row r*G + g takes row (r*G + g) // (R*G / R')) -> o [B*R, K*G, H] at the
   queries' places.
 
   With `write`, refs are (slot [1], o, k_out, v_out), k_out/v_out aliasing
@@ -72,17 +72,25 @@ def _kernel(q_ref, k_ref, v_ref, bias_ref, *refs, block_s: int,
   q = plgpu.load(q_ref.at[block], mask=in_rows, other=0)
   q = q.reshape(mp, q.shape[-1])
   num_blocks = pl.cdiv(seq_len, block_s)
-  groups = bias_ref.shape[0]
+  groups = valid_ref.shape[0]
 
   def bias(i):  # [Mp, block_s] or, shared by all rows, [1, block_s].
+    # Masked keys add _NEG_INF; positions past S' add -inf, so that a fully
+    # masked row averages over exactly the S' positions read.
     cols = pl.ds(i * block_s, block_s)
+    past = (i * block_s + jnp.arange(block_s) >= seq_len)[None, :]
+
+    def row(r):  # [1, block_s]
+      return jnp.where(past, -jnp.inf,
+                       jnp.where(valid_ref[r, cols][None, :] != 0, 0.0, _NEG_INF))
+
     if groups == 1:
-      return bias_ref[0, cols][None, :]
+      return row(0)
     flat = (jnp.arange(mp) // gp) * group + jnp.arange(mp) % gp  # r*G + g.
     which = (flat // (rows // groups))[:, None]
     out = jnp.zeros((mp, block_s), jnp.float32)
-    for r in range(groups):  # R' loads of one bias row each.
-      out = jnp.where(which == r, bias_ref[r, cols][None, :], out)
+    for r in range(groups):  # R' loads of one mask row each.
+      out = jnp.where(which == r, row(r), out)
     return out
 
   if write:  # This position's K/V, one row per beam, written where they go.
@@ -228,12 +236,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
 
-  # The mask becomes an additive bias; positions past S' get -inf so that a
-  # fully masked row averages over exactly the S' positions read.
+  # The mask as int8 (a quarter of a float32 bias's bytes, read by every
+  # program of a kv row), padded to whole blocks; the kernel makes the bias.
   s_pad = pl.cdiv(read, block_s) * block_s
-  bias = jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)
-  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, s_pad - read)),
-                 constant_values=-jnp.inf)
+  valid = jnp.pad(valid.astype(jnp.int8), ((0, 0), (0, 0), (0, s_pad - read)))
 
   if kv_layout == 'BSKH':
     kv_spec = pl.BlockSpec((None, s, None, h), lambda i, j: (i, 0, j, 0))
@@ -244,8 +250,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0, 0))
   out_shape = jax.ShapeDtypeStruct((b * beams, kh * group, h), q.dtype)
   in_specs = [whole((b * beams,) + q.shape[2:]), kv_spec, kv_spec,
-              pl.BlockSpec((None, bias.shape[1], s_pad), lambda i, j: (i, 0, 0))]
-  args = [q.reshape(b * beams, *q.shape[2:]), k, v, bias]
+              pl.BlockSpec((None, valid.shape[1], s_pad), lambda i, j: (i, 0, 0))]
+  args = [q.reshape(b * beams, *q.shape[2:]), k, v, valid]
   out_specs, aliases = whole(out_shape.shape), {}
   if write_slot is not None:
     in_specs.append(pl.BlockSpec((1,), lambda i, j: (0,)))

@@ -17,7 +17,9 @@ rounded W', so that the centring cancels what the GEMM added) and d once
 per decode call. `norm_gemm` then reads the raw rows: each program
 accumulates x W' over D in blocks and, from the same blocks, each row's
 sum and sum of squares; its epilogue applies the statistics (and a ReLU).
-No extra pass over x, no normalised copy, one kernel.
+No extra pass over x, no normalised copy, one kernel. The decoder's final
+LayerNorm folds the same way into the output embedding (`fold(...,
+table=True)`), which `pallas_argmax`'s kernels read.
 
 The variance is the mean of squares minus the squared mean (float32): a
 residual row whose mean is large against its deviation loses precision
