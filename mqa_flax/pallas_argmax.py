@@ -43,8 +43,8 @@ from jax.experimental.pallas import triton as plgpu
 from mqa_flax import pallas_norm_gemm
 
 _MIN_ROWS = 16  # Triton's dot needs at least 16 rows per operand.
-# Programs a call aims at by default (splits of the vocabulary times blocks of
-# rows): about two per SM of an H100 or H200 (132 SMs).
+# Programs `logits_top_k` aims at by default (splits of the vocabulary times
+# blocks of rows): about two per SM of an H100 or H200 (132 SMs).
 _PROGRAMS = 256
 _EVERY_TILE = 2**31 - 1  # As splits: one tile a program (at most one per tile).
 
@@ -254,8 +254,8 @@ def logits_argmax(x_BD: jax.Array, table: jax.Array | pallas_norm_gemm.Folded, *
   programs of 8 warps for 1024 rows, at 116 registers a thread (130 with a
   folded table, so one program an SM; ptxas, jax 0.10.2). Programs over
   several tiles write fewer partial results but need more registers (172
-  at 16 tiles), or, at block_b = 64 (104), read the table from L2 half as
-  often per row: 1.5 times the L2 traffic of 128 x 128 tiles.
+  at 16 tiles) or, at block_b = 64 (104), read each tile of the table
+  twice as often: 1.5 times the L2 traffic of 128 x 128 tiles.
   """
   b = x_BD.shape[0]
   x_BD, inputs, block_b, splits, tile = _prepare(
@@ -286,8 +286,9 @@ def logits_top_k(x_BD: jax.Array, table: jax.Array | pallas_norm_gemm.Folded,
 
   Args as `logits_argmax`'s, and:
     k: how many, >= 1.
-    splits: as `logits_argmax`'s; each program's partial results, 2 (k + 1)
-      numbers a row, are merged by XLA.
+    splits: as `logits_argmax`'s, but None: enough for about _PROGRAMS
+      programs in all (16 at 1024 rows); each program's partial results,
+      2 (k + 1) numbers a row, are merged by XLA.
 
   The defaults suit the paper's shape on an H100 or H200: 16 x 16 programs
   of 8 warps for 1024 rows, at 128 registers a thread (127 with a folded
