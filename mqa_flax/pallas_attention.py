@@ -78,11 +78,13 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, *refs, block_s: int,
     # Masked keys add _NEG_INF; positions past S' add -inf, so that a fully
     # masked row averages over exactly the S' positions read.
     cols = pl.ds(i * block_s, block_s)
-    past = (i * block_s + jnp.arange(block_s) >= seq_len)[None, :]
 
     def row(r):  # [1, block_s]
-      return jnp.where(past, -jnp.inf,
-                       jnp.where(valid_ref[r, cols][None, :] != 0, 0.0, _NEG_INF))
+      out = jnp.where(valid_ref[r, cols][None, :] != 0, 0.0, _NEG_INF)
+      if seq_len % block_s == 0:
+        return out
+      past = i * block_s + jnp.arange(block_s) >= seq_len
+      return jnp.where(past[None, :], -jnp.inf, out)
 
     if groups == 1:
       return row(0)

@@ -51,3 +51,13 @@ def cudnn_on_cpu(monkeypatch, masks: bool = True) -> list:
   monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_instead)
   monkeypatch.setattr(attention, 'for_gpu', lambda: True)
   return shapes
+
+
+def randomize_layer_norm(ln, key, spread: float = 0.2):
+  """Gives flax LayerNorm `ln` a random scale (around 1) and bias (around 0):
+  at their initial 1 and 0 a folded LayerNorm would be right whatever it did
+  with them. Returns ln."""
+  ks, kb = jax.random.split(key)
+  ln.scale[...] = 1 + spread * jax.random.normal(ks, ln.scale.shape)
+  ln.bias[...] = spread * jax.random.normal(kb, ln.bias.shape)
+  return ln

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import randomize_layer_norm
 from mqa_flax import decoding
 from mqa_flax import hlo
 from mqa_flax.config import ModelConfig
@@ -98,14 +99,10 @@ def test_folded_layer_norms_decode_as_the_forward(variant, read_len, impl):
 
 
 def _random_norms(model: Transformer) -> Transformer:
-  """`model` with every LayerNorm's scale and bias random (they start as 1
-  and 0, which a folded LayerNorm would get right whatever it did with them)."""
-  key = jax.random.key(7)
-  for _, module in nnx.iter_graph(model):
-    if isinstance(module, nnx.LayerNorm):
-      key, ks, kb = jax.random.split(key, 3)
-      module.scale[...] = 1 + 0.3 * jax.random.normal(ks, module.scale.shape)
-      module.bias[...] = 0.3 * jax.random.normal(kb, module.bias.shape)
+  """`model` with every LayerNorm's scale and bias random."""
+  norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.LayerNorm)]
+  for ln, key in zip(norms, jax.random.split(jax.random.key(7), len(norms))):
+    randomize_layer_norm(ln, key, 0.3)
   return model
 
 

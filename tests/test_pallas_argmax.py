@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import randomize_layer_norm
 from mqa_flax.pallas_argmax import logits_argmax, logits_top_k
 from mqa_flax.pallas_norm_gemm import fold
 
@@ -109,14 +110,6 @@ def test_top_k_bad_arguments_are_refused(kwargs, match):
     logits_top_k(jnp.ones((2, 16)), jnp.ones((50, 16)), **kwargs)
 
 
-def _layer_norm(d, seed):
-  ks, kc = jax.random.split(jax.random.key(seed))
-  ln = nnx.LayerNorm(d, use_fast_variance=False, rngs=nnx.Rngs(0))
-  ln.scale[...] = 1 + 0.2 * jax.random.normal(ks, (d,))
-  ln.bias[...] = 0.2 * jax.random.normal(kc, (d,))
-  return ln
-
-
 @pytest.mark.parametrize('b,d,v,splits', [(5, 32, 64, None), (40, 48, 300, 2),
                                           (16, 64, 1000, 3)])
 def test_folded_final_layer_norm_matches_its_logits(b, d, v, splits):
@@ -124,7 +117,8 @@ def test_folded_final_layer_norm_matches_its_logits(b, d, v, splits):
   # folded in: the argmax, top k and log Σ exp of LN(x) Eᵀ, float32; D not a
   # multiple of block_d (48) takes the masked loads in the statistics too.
   kx, ke = jax.random.split(jax.random.key(v))
-  ln = _layer_norm(d, v)
+  ln = randomize_layer_norm(nnx.LayerNorm(d, use_fast_variance=False,
+                                         rngs=nnx.Rngs(0)), jax.random.key(d))
   x = jax.random.normal(kx, (b, d)) + 1.0
   e = jax.random.normal(ke, (v, d))
   table = fold(ln.scale[...], ln.bias[...], e, None, ln.epsilon, jnp.float32,

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import randomize_layer_norm
 from mqa_flax.pallas_norm_gemm import fold, norm_gemm
 
 
 def _case(b, d, n, mean=0.0, seed=0):
-  kx, kw, kb, ks, kc = jax.random.split(jax.random.key(seed), 5)
-  ln = nnx.LayerNorm(d, use_fast_variance=False, rngs=nnx.Rngs(0))
-  ln.scale[...] = 1 + 0.2 * jax.random.normal(ks, (d,))
-  ln.bias[...] = 0.2 * jax.random.normal(kc, (d,))
+  kx, kw, kb, kn = jax.random.split(jax.random.key(seed), 4)
+  ln = randomize_layer_norm(nnx.LayerNorm(d, use_fast_variance=False,
+                                          rngs=nnx.Rngs(0)), kn)
   x = 2 * jax.random.normal(kx, (b, d)) + mean
   return ln, x, jax.random.normal(kw, (d, n)) / d**0.5, jax.random.normal(kb, (n,))
 
